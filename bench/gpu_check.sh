@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU machine's checklist, in stages that each fit well inside the device's 10-minute command limit:
+#   bench/gpu_check.sh [build] [test] [kernels]     (no stage named: all three, in order)
+# build:   the extension with the CUDA kernels (-j16; the build folder is reused when it is there)
+# test:    every GPU test; fails if one failed, was skipped, or none ran
+# kernels: the kernel benchmarks (each with its same-run baseline)
+# Logs and JSON go to $OUT (default ./gpu_out): gpu_check.log, gpu_tests.xml, bench_*.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-$PWD/gpu_out} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+PY=${PYTHON:-python3}
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(build test kernels)
+
+log() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
+
+stage_build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+  local t0=$SECONDS
+  CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install --no-build-isolation --no-deps -e . >>"$LOG" 2>&1 \
+    || { tail -50 "$LOG"; return 1; }
+  log "build took $((SECONDS - t0)) s"
+  $PY -c "from pagedinfer import _ops; assert _ops.has_cuda_kernels(), 'CUDA kernels missing'" 2>&1 | tee -a "$LOG"
+}
+
+stage_test() {
+  $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" tests 2>&1 | tee -a "$LOG" || true
+  $PY - "$OUT/gpu_tests.xml" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+n, skipped = int(suite.get("tests")), int(suite.get("skipped"))
+failed = int(suite.get("failures")) + int(suite.get("errors"))
+print(f"gpu tests: {n} run, {failed} failed, {skipped} skipped")
+sys.exit(0 if n > 0 and failed == 0 and skipped == 0 else 1)
+PYEOF
+}
+
+stage_kernels() {
+  $PY bench/bench_paged_attention.py 2>&1 | tee -a "$LOG"
+  $PY bench/bench_cache_ops.py 2>&1 | tee -a "$LOG"
+}
+
+for s in "${stages[@]}"; do
+  log "stage $s"
+  "stage_$s"
+done
+log "done: ${stages[*]}"
