@@ -11,6 +11,9 @@ export OUT=${OUT:-$PWD/gpu_out} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 PY=${PYTHON:-python3}
+# On the device image, a process that loads an extension built there crashes when C++ formats an error
+# message (an older libstdc++ is found first): load the toolchain's own libstdc++ (seen 2026-11-27).
+export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(build test kernels)
 

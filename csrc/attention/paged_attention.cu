@@ -1,0 +1,294 @@
+// The CUDA launcher of paged_attention (contract in ops.h) and the split-KV plan that sizes its workspace.
+//
+// Kernels (all one CTA per (query row, kv head, head tile, split)):
+//   mma_attention_kernel.cuh     fp16/bf16 with head_size 64 or 128: tensor cores, the GQA group as M
+//   simt_attention_kernel.cuh    everything else (float32, other head sizes, unaligned caches)
+//   split_kv_reduce_kernel.cuh   merges the splits' partial results when a launch has more than one
+// Decode (max_query_len == 1) splits long contexts over several CTAs; the general path (prompt chunks
+// mixed with decodes) gives each query token its own CTAs and one split.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+
+#include "attention/attention_args.h"
+#include "attention/mma_attention_kernel.cuh"
+#include "attention/simt_attention_kernel.cuh"
+#include "attention/split_kv_reduce_kernel.cuh"
+#include "ops.h"
+
+namespace pagedinfer {
+namespace {
+
+using attention::PagedAttentionParams;
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- split-KV plan: host-side, from shapes only ------------------------------------------------------
+// The split count must not depend on seq_lens (device data): a CUDA graph captured at short contexts is
+// replayed after they have grown. Each split then takes 1/num_splits of its row's keys, computed on the
+// device (attention_params.cuh: split_tile_range).
+constexpr int64_t kPlanTileKeys = 16;        // keys per tile of the tensor-core kernel
+constexpr int64_t kPlanHeadsPerCta = 16;     // query heads per CTA of the tensor-core kernel
+constexpr int64_t kResidentCtasPerSm = 2;    // of the head-128 tensor-core kernel (98 KB of shared memory)
+constexpr int64_t kMinTilesPerSplit = 16;    // 256 keys: shorter splits cost more to merge than they gain
+constexpr int64_t kMaxSplits = 256;
+
+// SM count and compute capability, read from the driver once per device: the launch path runs for every
+// layer of every step.
+struct DeviceFacts {
+  int sm_count = 0;
+  int cc_major = 0;
+};
+
+DeviceFacts device_facts(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> sm_counts[kMaxDevices], cc_majors[kMaxDevices];
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable && sm_counts[device].load() > 0) return {sm_counts[device].load(), cc_majors[device].load()};
+  DeviceFacts facts;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  if (cacheable) {
+    cc_majors[device].store(facts.cc_major);
+    sm_counts[device].store(facts.sm_count);  // last: a nonzero SM count marks the entry complete
+  }
+  return facts;
+}
+
+struct SplitConfig {
+  int64_t num_seqs, num_heads, num_kv_heads, head_size, max_blocks_per_seq, block_size, sm_count;
+  bool operator==(const SplitConfig&) const = default;
+};
+
+// As many splits as fit in one wave of resident CTAs (splitting further only adds a partial second wave:
+// measured slower on an H100), at least one, and no split shorter than kMinTilesPerSplit tiles of the
+// longest possible row (block_tables.size(1) blocks).
+int64_t plan_num_splits(const SplitConfig& c) {
+  if (c.num_seqs <= 0 || c.num_kv_heads <= 0) return 1;
+  const int64_t group = c.num_heads / c.num_kv_heads;
+  const int64_t ctas_per_split = c.num_seqs * c.num_kv_heads * ceil_div(std::max<int64_t>(group, 1), kPlanHeadsPerCta);
+  const int64_t max_tiles = ceil_div(c.max_blocks_per_seq * c.block_size, kPlanTileKeys);
+  int64_t splits = c.sm_count * kResidentCtasPerSm / ctas_per_split;
+  splits = std::min(splits, max_tiles / kMinTilesPerSplit);
+  return std::clamp<int64_t>(splits, 1, kMaxSplits);
+}
+
+// Partial results of one launch: num_seqs * num_heads * num_splits rows of head_size outputs, then as
+// many log-sum-exps. None when a launch has one split (it writes `out` directly).
+int64_t partials_floats(int64_t num_seqs, int64_t num_heads, int64_t head_size, int64_t num_splits) {
+  return num_splits > 1 ? num_seqs * num_heads * num_splits * (head_size + 1) : 0;
+}
+
+// The workspace a configuration requires: the largest need of any batch of 1..num_seqs sequences (same
+// other shapes), so that one buffer sized for the largest batch serves every smaller one, as CUDA graphs
+// captured at several batch sizes require. Splits never grow with the batch, so the scan stops at the
+// first batch size that needs one split. Memoized: it runs on every launch.
+int64_t required_workspace_floats(const SplitConfig& c) {
+  thread_local SplitConfig last{-1, 0, 0, 0, 0, 0, 0};
+  thread_local int64_t last_need = 0;
+  if (c == last) return last_need;
+  int64_t need = 0;
+  for (int64_t n = 1; n <= c.num_seqs; ++n) {
+    SplitConfig smaller = c;
+    smaller.num_seqs = n;
+    const int64_t splits = plan_num_splits(smaller);
+    if (splits == 1) break;
+    need = std::max(need, partials_floats(n, c.num_heads, c.head_size, splits));
+  }
+  last = c;
+  last_need = need;
+  return need;
+}
+
+// ---- kernel launches ---------------------------------------------------------------------------------
+
+void set_dynamic_smem(const void* kernel, int bytes) {
+  // Above 48 KB a kernel must opt in. Cheap host call (no device work), valid during graph capture.
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+}
+
+template <typename T, int kHeadSize, int kBlockSize>
+void launch_mma_kernel(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
+  using Cfg = attention::MmaAttentionConfig<T, kHeadSize>;
+  const auto kernel = attention::mma_paged_attention_kernel<T, kHeadSize, kBlockSize>;
+  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kHeadSize>
+void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
+  switch (p.block_size) {
+    case 16: launch_mma_kernel<T, kHeadSize, 16>(p, grid, stream); break;
+    case 32: launch_mma_kernel<T, kHeadSize, 32>(p, grid, stream); break;
+    default: launch_mma_kernel<T, kHeadSize, 0>(p, grid, stream); break;  // any block size
+  }
+}
+
+template <typename T>
+void launch_simt_kernel(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
+  using Cfg = attention::SimtAttentionConfig;
+  const auto kernel = attention::simt_paged_attention_kernel<T>;
+  const int smem = Cfg::smem_bytes(p.head_size);
+  set_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  kernel<<<unsigned(grid), Cfg::kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The merge is a programmatic dependent launch on sm_90: its CTAs start while the split kernel's last
+// CTAs run (they wait in griddepcontrol.wait), hiding the launch gap, a real share of a 50 us decode.
+template <typename T>
+void launch_reduce_kernel(const PagedAttentionParams& p, int device, cudaStream_t stream) {
+  using Cfg = attention::SplitKvReduceConfig;
+  const auto kernel = attention::split_kv_reduce_kernel<T>;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(int64_t(p.num_seqs) * p.num_heads));  // one CTA per (sequence, head)
+  config.blockDim = dim3(Cfg::kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = device_facts(device).cc_major >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+}
+
+// The first pass (tensor cores when the case allows), then the merge of splits.
+template <typename T>
+void launch_attention(const PagedAttentionParams& p, bool tensor_cores, int64_t items, int device,
+                      cudaStream_t stream) {
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  const int64_t heads_per_cta = tensor_cores ? attention::MmaAttentionConfig<__half, 128>::kRows
+                                             : attention::SimtAttentionConfig::kHeads;
+  const int64_t grid = items * p.num_kv_heads * ceil_div(group, heads_per_cta) * p.num_splits;
+  PI_CHECK(grid <= std::numeric_limits<int32_t>::max(), "paged_attention: too many CTAs (", grid,
+           ") for one launch");
+  bool launched = false;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tensor_cores) {
+      if (p.head_size == 128) launch_mma_for_block_size<T, 128>(p, grid, stream);
+      else launch_mma_for_block_size<T, 64>(p, grid, stream);
+      launched = true;
+    }
+  }
+  if (!launched) launch_simt_kernel<T>(p, grid, stream);
+  if (p.num_splits > 1) launch_reduce_kernel<T>(p, device, stream);
+}
+
+void check_int32(int64_t value, const char* what) {
+  PI_CHECK(value <= std::numeric_limits<int32_t>::max(), what, " = ", value, " exceeds the int32 range of the CUDA kernels");
+}
+
+}  // namespace
+
+int64_t paged_attention_workspace_size(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                                       int64_t head_size, int64_t max_blocks_per_seq, int64_t block_size,
+                                       int64_t device_index) {
+  if (device_index < 0) return 0;
+  PI_CHECK(num_seqs >= 0 && num_heads > 0 && num_kv_heads > 0 && head_size > 0 && max_blocks_per_seq >= 0 &&
+               block_size > 0,
+           "paged_attention_workspace_size: sizes must be positive, got num_seqs ", num_seqs, ", num_heads ",
+           num_heads, ", num_kv_heads ", num_kv_heads, ", head_size ", head_size, ", max_blocks_per_seq ",
+           max_blocks_per_seq, ", block_size ", block_size);
+  PI_CHECK(num_heads % num_kv_heads == 0, "num_heads ", num_heads, " is not divisible by num_kv_heads ",
+           num_kv_heads);
+  const int sms = device_facts(int(device_index)).sm_count;
+  return required_workspace_floats(
+      {num_seqs, num_heads, num_kv_heads, head_size, max_blocks_per_seq, block_size, sms});
+}
+
+void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                          const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                          const at::Tensor& block_tables, int64_t max_query_len, double scale,
+                          int64_t sliding_window, const std::optional<at::Tensor>& workspace) {
+  const AttentionShape s = check_paged_attention_args(out, query, kv_cache, query_start_loc, seq_lens,
+                                                      block_tables, max_query_len, sliding_window);
+  PI_CHECK(query.is_cuda(), "query must be a CUDA tensor, got ", query.device());
+  if (debug_checks_enabled()) {
+    validate_attention_metadata(query_start_loc, seq_lens, block_tables, s.num_tokens, s.num_blocks,
+                                s.block_size);
+  }
+  if (s.num_tokens == 0 || s.num_seqs == 0) return;
+  check_int32(s.num_tokens, "num_tokens");
+  check_int32(s.num_seqs, "num_seqs");
+  check_int32(s.num_heads, "num_heads");
+  check_int32(s.max_blocks_per_seq * s.block_size, "max_blocks_per_seq * block_size");
+
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  const int device = query.get_device();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+
+  const bool decode = max_query_len == 1;
+  const SplitConfig config{s.num_seqs,           s.num_heads,  s.num_kv_heads,
+                           s.head_size,          s.max_blocks_per_seq, s.block_size,
+                           device_facts(device).sm_count};
+  const int64_t num_splits = decode ? plan_num_splits(config) : 1;
+
+  at::Tensor scratch;
+  if (workspace.has_value()) {
+    const at::Tensor& ws = *workspace;
+    check_dtype(ws, at::kFloat, "workspace");
+    check_same_device(ws, query, "workspace", "query");
+    check_contiguous(ws, "workspace");
+    const int64_t required = required_workspace_floats(config);
+    PI_CHECK(ws.numel() >= required, "workspace has ", ws.numel(), " float32 elements but this launch needs ",
+             required, " (num_seqs ", s.num_seqs, ", num_heads ", s.num_heads, ", head_size ", s.head_size,
+             ", max_blocks_per_seq ", s.max_blocks_per_seq, "); size it with paged_attention_workspace_size");
+    scratch = ws;
+  } else if (num_splits > 1) {
+    scratch = at::empty({partials_floats(s.num_seqs, s.num_heads, s.head_size, num_splits)},
+                        query.options().dtype(at::kFloat));
+  }
+
+  PagedAttentionParams p{};
+  p.out = out.data_ptr();
+  p.query = query.data_ptr();
+  p.kv_cache = kv_cache.data_ptr();
+  p.query_start_loc = query_start_loc.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  if (num_splits > 1) {
+    p.partial_out = scratch.data_ptr<float>();
+    p.partial_lse = p.partial_out + s.num_seqs * s.num_heads * num_splits * s.head_size;
+  }
+  p.q_row_stride = query.stride(0);
+  p.v_offset = kv_cache.stride(0);
+  p.num_tokens = int(s.num_tokens);
+  p.num_seqs = int(s.num_seqs);
+  p.num_heads = int(s.num_heads);
+  p.num_kv_heads = int(s.num_kv_heads);
+  p.head_size = int(s.head_size);
+  p.block_size = int(s.block_size);
+  p.max_blocks_per_seq = int(s.max_blocks_per_seq);
+  p.num_splits = int(num_splits);
+  p.sliding_window = sliding_window > 0 ? int(std::min<int64_t>(sliding_window, std::numeric_limits<int32_t>::max()))
+                                        : -1;
+  p.scale_log2 = float(scale * 1.4426950408889634);  // log2(e): exp(x) = exp2(x * log2(e))
+  p.one_row_per_seq = decode;
+
+  const at::ScalarType dtype = query.scalar_type();
+  // Tensor cores need 16-byte aligned K/V rows for cp.async (head_size 64/128 of 2-byte elements are).
+  const bool tensor_cores = (dtype == at::kHalf || dtype == at::kBFloat16) &&
+                            (s.head_size == 64 || s.head_size == 128) &&
+                            reinterpret_cast<uintptr_t>(p.kv_cache) % 16 == 0;
+  const int64_t items = decode ? s.num_seqs : s.num_tokens;
+  switch (dtype) {
+    case at::kHalf: launch_attention<__half>(p, tensor_cores, items, device, stream); break;
+    case at::kBFloat16: launch_attention<__nv_bfloat16>(p, tensor_cores, items, device, stream); break;
+    case at::kFloat: launch_attention<float>(p, false, items, device, stream); break;
+    default: PI_CHECK(false, "paged_attention: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace pagedinfer
