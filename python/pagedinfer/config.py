@@ -1,0 +1,183 @@
+"""Engine configuration: frozen dataclasses, and the one place that knows the quirks of HF configs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's frequency-dependent RoPE scaling ("rope_type": "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model code needs to know about a checkpoint, with every default already resolved."""
+
+    model: str  # the local HF folder (or .gguf file) the weights come from
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[Llama3RopeScaling]
+    max_position_embeddings: int
+    max_model_len: int  # the longest sequence the engine serves (sizes the RoPE cache)
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if not 0 < self.max_model_len <= self.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} must be in "
+                             f"[1, max_position_embeddings = {self.max_position_embeddings}]")
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, dtype: str | torch.dtype = "auto",
+                        device: str | torch.device = "cuda",
+                        max_model_len: Optional[int] = None) -> ModelConfig:
+        """Read config.json (and generation_config.json for the stop tokens) of a local HF folder, or
+        the metadata of a .gguf file."""
+        path = Path(model)
+        if path.suffix == ".gguf":
+            from pagedinfer.models.gguf_loader import hf_config_from_gguf
+            hf_config, eos_token_ids = hf_config_from_gguf(path)
+        else:
+            hf_config = json.loads((path / "config.json").read_text())
+            eos_token_ids = _eos_token_ids(path, hf_config)
+        return cls.from_hf_config(hf_config, model=str(path), dtype=dtype, device=device,
+                                  max_model_len=max_model_len, eos_token_ids=eos_token_ids)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], model: str = "", dtype: str | torch.dtype = "auto",
+                       device: str | torch.device = "cuda", max_model_len: Optional[int] = None,
+                       eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
+        """Build from the dict of a config.json, written by transformers 4.x or 5.x."""
+        architectures = hf.get("architectures") or []
+        if not architectures:
+            raise ValueError(f"the config of {model or 'the model'} names no architecture")
+        heads = hf["num_attention_heads"]
+        rope_theta, rope_scaling = _rope(hf)
+        max_position = hf.get("max_position_embeddings", 2048)
+        return cls(
+            model=model,
+            architecture=architectures[0],
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            # Older configs omit it: multi-head attention.
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            # Some models (e.g. Mistral Nemo) decouple head_dim from hidden_size / heads.
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_position,
+            max_model_len=max_model_len or max_position,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            # transformers 5 writes "dtype", 4.x wrote "torch_dtype".
+            dtype=resolve_dtype(dtype, hf.get("dtype") or hf.get("torch_dtype"), device),
+            eos_token_ids=eos_token_ids or _as_ids(hf.get("eos_token_id")),
+        )
+
+
+def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: Optional[str],
+                  device: str | torch.device) -> torch.dtype:
+    """The model's dtype. "auto" takes the checkpoint's (float32 if it names none), except float16 on
+    the CPU, which becomes float32: CPU half arithmetic is slow and loses range."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested != "auto":
+        if requested not in _DTYPES:
+            raise ValueError(f"unknown dtype {requested!r}: use 'auto' or one of {sorted(_DTYPES)}")
+        return _DTYPES[requested]
+    dtype = _DTYPES.get(checkpoint_dtype or "float32", torch.float32)
+    if torch.device(device).type == "cpu" and dtype == torch.float16:
+        return torch.float32
+    return dtype
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, Optional[Llama3RopeScaling]]:
+    """(theta, scaling). transformers 5 keeps both in "rope_parameters"; 4.x has "rope_theta" and
+    "rope_scaling", whose type key was first "type", then "rope_type"."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(f"rope type {rope_type!r} is not supported (only 'default' and 'llama3')")
+    return theta, Llama3RopeScaling(
+        factor=params["factor"],
+        low_freq_factor=params["low_freq_factor"],
+        high_freq_factor=params["high_freq_factor"],
+        original_max_position_embeddings=params["original_max_position_embeddings"],
+    )
+
+
+def _eos_token_ids(folder: Path, hf_config: dict[str, Any]) -> tuple[int, ...]:
+    """generation_config.json has the chat models' full stop list (Llama 3 has several); config.json
+    often only the base model's."""
+    generation_config = folder / "generation_config.json"
+    if generation_config.exists():
+        ids = _as_ids(json.loads(generation_config.read_text()).get("eos_token_id"))
+        if ids:
+            return ids
+    return _as_ids(hf_config.get("eos_token_id"))
+
+
+def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: `block_size` tokens a block, `num_gpu_blocks` of them (None: the model
+    runner sizes the pool by profiling, to `gpu_memory_utilization` of the card)."""
+
+    block_size: int = 16
+    num_gpu_blocks: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    swap_space_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {self.block_size}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:
+            raise ValueError(f"num_gpu_blocks must be > 0, got {self.num_gpu_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.swap_space_gib < 0:
+            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")

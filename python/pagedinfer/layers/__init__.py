@@ -1,0 +1,1 @@
+"""Model building blocks over the kernels of `_ops`: linear, norm, rotary, activation, embedding."""

@@ -1,0 +1,101 @@
+"""ModelConfig from the config.json variants found in the wild, and dtype resolution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedinfer.config import CacheConfig, Llama3RopeScaling, ModelConfig, resolve_dtype
+
+DATA = Path(__file__).parent / "data"
+
+
+def hf_config(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def test_llama31_written_by_transformers4(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("llama31_hf4_config.json")))
+    # The chat model's stop tokens are in generation_config.json, not config.json.
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
+    config = ModelConfig.from_pretrained(tmp_path, device="cuda", max_model_len=8192)
+    assert config.architecture == "LlamaForCausalLM"
+    assert (config.hidden_size, config.intermediate_size, config.num_attention_heads) == (4096, 14336, 32)
+    assert (config.num_key_value_heads, config.head_dim, config.num_hidden_layers) == (8, 128, 32)
+    assert (config.rope_theta, config.rms_norm_eps, config.dtype) == (500000.0, 1e-5, torch.bfloat16)
+    assert config.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 8192)
+    assert (config.max_position_embeddings, config.max_model_len) == (131072, 8192)
+    assert config.eos_token_ids == (128001, 128008, 128009)
+    assert not config.tie_word_embeddings
+
+
+def test_smollm2_written_by_transformers4(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("smollm2_hf4_config.json")))
+    config = ModelConfig.from_pretrained(tmp_path, device="cpu")
+    assert (config.head_dim, config.num_key_value_heads, config.rope_theta) == (64, 3, 100000)
+    assert config.rope_scaling is None and config.tie_word_embeddings
+    assert config.eos_token_ids == (2,) and config.max_model_len == 8192
+
+
+def test_written_by_transformers5(checkpoint) -> None:
+    # transformers 5 writes "rope_parameters" (theta and scaling together) and "dtype".
+    raw = json.loads((checkpoint("llama3_rope") / "config.json").read_text())
+    assert "rope_parameters" in raw and "rope_scaling" not in raw
+    config = ModelConfig.from_pretrained(checkpoint("llama3_rope"), device="cpu")
+    assert config.rope_theta == 500000.0
+    assert config.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 64)
+    assert config.dtype == torch.float32
+
+
+def test_old_config_quirks() -> None:
+    raw = hf_config("smollm2_hf4_config.json")
+    del raw["num_key_value_heads"], raw["torch_dtype"]
+    raw["rope_scaling"] = {"type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 2.0, "original_max_position_embeddings": 1024}
+    config = ModelConfig.from_hf_config(raw, device="cpu")
+    assert config.num_key_value_heads == 9  # no GQA
+    assert config.rope_scaling == Llama3RopeScaling(2.0, 1.0, 2.0, 1024)
+    assert config.dtype == torch.float32
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' is not supported"),
+    ({"architectures": []}, "names no architecture"),
+    ({"num_key_value_heads": 4}, "not a multiple of num_key_value_heads 4"),
+])
+def test_config_errors(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config({**hf_config("smollm2_hf4_config.json"), **change})
+
+
+def test_max_model_len_cannot_exceed_the_positions() -> None:
+    with pytest.raises(ValueError, match="max_model_len 9000 must be in"):
+        ModelConfig.from_hf_config(hf_config("smollm2_hf4_config.json"), max_model_len=9000)
+
+
+@pytest.mark.parametrize("requested, checkpoint_dtype, device, expected", [
+    ("auto", "bfloat16", "cuda", torch.bfloat16),
+    ("auto", "float16", "cuda", torch.float16),
+    ("auto", "bfloat16", "cpu", torch.bfloat16),
+    ("auto", "float16", "cpu", torch.float32),  # CPU half is slow and overflows
+    ("auto", None, "cuda", torch.float32),
+    ("half", "bfloat16", "cuda", torch.float16),
+    ("float32", "bfloat16", "cpu", torch.float32),
+    (torch.bfloat16, "float16", "cpu", torch.bfloat16),
+])
+def test_resolve_dtype(requested, checkpoint_dtype, device: str, expected: torch.dtype) -> None:
+    assert resolve_dtype(requested, checkpoint_dtype, device) == expected
+
+
+def test_unknown_dtype() -> None:
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", None, "cpu")
+
+
+def test_cache_config_validates() -> None:
+    assert CacheConfig().block_size == 16
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        CacheConfig(gpu_memory_utilization=1.5)
