@@ -69,6 +69,13 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query, at::T
 void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& input);
 void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& input);
 
+// ---- sampling -------------------------------------------------------------------------------------
+// out[i, j] = a uniform in (0, 1), never 0 or 1, that is a pure function of (seeds[i], offsets[i], j):
+// Philox4x32-10 keyed by the seed, counter (j / 4, offset). The same bits on CPU and CUDA, whatever the
+// other rows. out[num_rows, num_columns] float32 contiguous; seeds, offsets [num_rows] int64, out's device.
+void philox_uniform_cpu(at::Tensor& out, const at::Tensor& seeds, const at::Tensor& offsets);
+void philox_uniform_cuda(at::Tensor& out, const at::Tensor& seeds, const at::Tensor& offsets);
+
 // ---- debug ----------------------------------------------------------------------------------------
 // Range checks of block ids, slots and lengths run on CPU always; on CUDA only when this is on (they
 // copy the metadata to the host). Also on when the environment sets PAGEDINFER_DEBUG_CHECKS=1.

@@ -30,6 +30,7 @@ TORCH_LIBRARY(pagedinfer, m) {
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, int head_size, "
       "Tensor cos_sin_cache, bool is_neox) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  m.def("philox_uniform(Tensor(a!) out, Tensor seeds, Tensor offsets) -> ()");
   m.def("set_debug_checks(bool enabled) -> ()", &pagedinfer::set_debug_checks);
   m.def("debug_checks_enabled() -> bool", &pagedinfer::debug_checks_enabled);
 }
@@ -43,6 +44,7 @@ TORCH_LIBRARY_IMPL(pagedinfer, CPU, m) {
   m.impl("fused_add_rms_norm", &pagedinfer::fused_add_rms_norm_cpu);
   m.impl("rotary_embedding", &pagedinfer::rotary_embedding_cpu);
   m.impl("silu_and_mul", &pagedinfer::silu_and_mul_cpu);
+  m.impl("philox_uniform", &pagedinfer::philox_uniform_cpu);
 }
 
 #ifdef PAGEDINFER_WITH_CUDA
@@ -55,5 +57,6 @@ TORCH_LIBRARY_IMPL(pagedinfer, CUDA, m) {
   m.impl("fused_add_rms_norm", &pagedinfer::fused_add_rms_norm_cuda);
   m.impl("rotary_embedding", &pagedinfer::rotary_embedding_cuda);
   m.impl("silu_and_mul", &pagedinfer::silu_and_mul_cuda);
+  m.impl("philox_uniform", &pagedinfer::philox_uniform_cuda);
 }
 #endif

@@ -17,7 +17,7 @@ _ops = torch.ops.pagedinfer
 # Every op mutates its outputs and returns nothing: the fake (meta) kernels only have to exist, so that
 # torch.compile and opcheck can trace them.
 for _name in ("paged_attention", "reshape_and_cache", "copy_blocks", "swap_blocks", "rms_norm",
-              "fused_add_rms_norm", "rotary_embedding", "silu_and_mul"):
+              "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "philox_uniform"):
     torch.library.register_fake(f"pagedinfer::{_name}")(lambda *args, **kwargs: None)
 
 
@@ -99,4 +99,16 @@ def silu_and_mul(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.T
     d = x.shape[-1] // 2
     out = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype, device=x.device) if out is None else out
     _ops.silu_and_mul(out, x)
+    return out
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+
+def philox_uniform(seeds: torch.Tensor, offsets: torch.Tensor, num_columns: int,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[num_rows, num_columns] float32 uniforms in (0, 1), row i a pure function of (seeds[i], offsets[i]):
+    the same bits on CPU and CUDA and whatever the other rows. seeds, offsets: [num_rows] int64."""
+    if out is None:
+        out = torch.empty(seeds.shape[0], num_columns, dtype=torch.float32, device=seeds.device)
+    _ops.philox_uniform(out, seeds, offsets)
     return out

@@ -1,0 +1,59 @@
+"""Shared fixtures: the `device` parametrization, debug checks on, a fresh seed per test."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pyproject declares it too; registering here keeps `--strict-markers` happy under any config.
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "gpu" in item.keywords and torch.cuda.is_available():
+        from pagedinfer import _ops
+        if not _ops.has_cuda_kernels():
+            # A GPU run must not pass by testing nothing.
+            pytest.fail("a CUDA device is present but pagedinfer._C was built without CUDA kernels "
+                        "(PAGEDINFER_CPU_ONLY?): rebuild, or deselect with -m 'not gpu'")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> str:
+    """Every kernel test runs on the CPU; on CUDA too where a GPU is present (marked `gpu`).
+    Tests whose sizes differ by device parametrize `device` themselves (utils.per_device)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed(request: pytest.FixtureRequest) -> None:
+    """Seed from the test id: inputs differ between tests, and a failure reproduces when rerun."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _debug_checks():
+    """Range checks on CUDA too, so a bad index is an error rather than an illegal address.
+    Tests that capture CUDA graphs switch them off (they copy metadata to the host); this restores."""
+    try:
+        from pagedinfer import _ops
+    except ImportError:  # a test that does not need the extension, on a machine without it
+        yield
+        return
+    previous = _ops.debug_checks_enabled()
+    _ops.set_debug_checks(True)
+    yield
+    _ops.set_debug_checks(previous)

@@ -1,0 +1,225 @@
+"""paged_attention against ref_paged_attention, with a bound derived from a same-precision reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pagedinfer import _ops
+from tests.kernels.reference import ref_paged_attention, ref_reshape_and_cache, token_slot
+from tests.kernels.utils import (FLOAT_DTYPES, PAD, PagedInputs, assert_close_to_ref, make_paged_inputs,
+                                 randn, random_seq_specs)
+
+
+def softmax_scale(head_size: int) -> float:
+    # Not exactly 1/sqrt(head_size): a kernel that ignores `scale` must fail.
+    return 1.1 / math.sqrt(head_size)
+
+
+def run_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
+                  workspace: torch.Tensor | None = None,
+                  max_query_len: int | None = None) -> torch.Tensor:
+    # NaN-filled so that any output element the kernel forgets to write fails the comparison.
+    out = torch.full(inputs.query.shape, float("nan"), dtype=inputs.query.dtype,
+                     device=inputs.query.device)
+    _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata,
+                         inputs.max_query_len if max_query_len is None else max_query_len,
+                         scale, sliding_window, workspace)
+    return out
+
+
+def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
+                    workspace: torch.Tensor | None = None) -> None:
+    out = run_attention(inputs, scale, sliding_window, workspace)
+    assert_close_to_ref(out, lambda dtype: ref_paged_attention(
+        inputs.query, inputs.kv_cache, *inputs.metadata, scale, sliding_window, dtype=dtype),
+        inputs.query.dtype, name="paged_attention")
+
+
+# (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Contexts straddle block
+# boundaries of 8, 16 and 32 (one before, at, after) and leave partial last blocks.
+CASES = {
+    "single_token": [(0, 1)],
+    "decode_ragged_batch17": [(c, 1) for c in (0, 1, 6, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100,
+                                               129, 250)],
+    "prefill_from_empty": [(0, 37), (0, 16), (0, 1), (0, 50)],
+    "chunked_prefill": [(45, 19), (128, 33), (1, 7), (16, 16)],
+    "mixed_prefill_decode": [(0, 23), (57, 1), (100, 17), (15, 1), (0, 1), (200, 9), (31, 1)],
+    "decode_with_padded_rows": [(20, 1), (PAD, 1), (40, 1), (PAD, 1), (PAD, 1)],
+    "mixed_with_padded_rows": [(30, 5), (PAD, 3), (12, 1), (PAD, 1)],
+    "all_padded": [(PAD, 1), (PAD, 1)],
+}
+
+
+@pytest.mark.parametrize("sliding_window", [-1, 1, 19])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_batch_shapes(device, case, dtype, sliding_window):
+    inputs = make_paged_inputs(CASES[case], num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
+                               dtype=dtype, device=device)
+    check_attention(inputs, softmax_scale(64), sliding_window)
+
+
+@pytest.mark.parametrize("max_query_len", [0, 1])
+def test_empty_batch(device, max_query_len):
+    # No sequences at all: nothing to read or write, whichever path max_query_len selects.
+    inputs = make_paged_inputs([], num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
+                               dtype=torch.bfloat16, device=device)
+    out = run_attention(inputs, 0.125, max_query_len=max_query_len)
+    assert out.shape == (0, 8, 64)
+
+
+# "decode": every q_len 1 (on CUDA the split-KV path); "mixed": prefill chunks among decodes.
+STEPS = pytest.mark.parametrize("step", ["decode", "mixed"])
+
+
+@STEPS
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("num_kv_heads, group", [(4, 1), (2, 3), (2, 4), (2, 7), (1, 8), (1, 32)])
+def test_gqa_groups(device, num_kv_heads, group, dtype, step):
+    max_context = 150 if device == "cpu" else 1500
+    specs = random_seq_specs(9, max_context=max_context, max_q_len=24,
+                             decode_fraction=1.0 if step == "decode" else 0.5)
+    inputs = make_paged_inputs(specs, num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
+                               head_size=128, block_size=16, dtype=dtype, device=device)
+    check_attention(inputs, softmax_scale(128))
+
+
+@STEPS
+@pytest.mark.parametrize("window", ["off", "block_size+1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_head_and_block_sizes(device, block_size, head_size, dtype, window, step):
+    # On CUDA, 64 and 128 in 16-bit types take the tensor-core kernels (block sizes 16 and 32
+    # specialized, others generic); other head sizes and float32 the SIMT kernel.
+    max_context = 3 * block_size + 5 if device == "cpu" else 40 * block_size + 5
+    specs = random_seq_specs(6, max_context=max_context, max_q_len=block_size + 3,
+                             decode_fraction=1.0 if step == "decode" else 0.5)
+    inputs = make_paged_inputs(specs, num_heads=8, num_kv_heads=2, head_size=head_size,
+                               block_size=block_size, dtype=dtype, device=device)
+    check_attention(inputs, softmax_scale(head_size), -1 if window == "off" else block_size + 1)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_new_tokens_written_then_read(device, dtype):
+    """A step as the engine runs it: reshape_and_cache writes the new tokens' K/V at slot_mapping,
+    then paged_attention reads them back through the block tables (the two ops agree on slots)."""
+    inputs = make_paged_inputs(CASES["mixed_with_padded_rows"] + CASES["chunked_prefill"], num_heads=8,
+                               num_kv_heads=4, head_size=128, block_size=16, dtype=dtype, device=device)
+    num_tokens = inputs.query.shape[0]
+    key = randn(num_tokens, 4, 128, dtype=dtype, device=device)
+    value = randn(num_tokens, 4, 128, dtype=dtype, device=device)
+    expected_cache = inputs.kv_cache.clone()
+    ref_reshape_and_cache(key, value, expected_cache, inputs.slot_mapping)
+    _ops.reshape_and_cache(key, value, inputs.kv_cache, inputs.slot_mapping)
+    assert torch.equal(inputs.kv_cache, expected_cache)
+    check_attention(inputs, softmax_scale(128))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_strided_query(device, dtype):
+    # query as the engine passes it: a [num_tokens, num_heads, head_size] view of a wider qkv row.
+    inputs = make_paged_inputs(CASES["mixed_with_padded_rows"] + CASES["mixed_prefill_decode"],
+                               num_heads=12, num_kv_heads=4, head_size=64, block_size=16, dtype=dtype,
+                               device=device, strided_query=True)
+    assert inputs.query.stride(0) > 12 * 64
+    check_attention(inputs, softmax_scale(64))
+
+
+@pytest.mark.parametrize("sliding_window", [-1, 10])
+def test_stale_cache_contents_are_never_read(device, sliding_window):
+    """Everything outside the sequences' contexts is NaN: free blocks, the tail of each partial last
+    block, and the stale table columns (pointed at free blocks). A kernel that lets any of it into
+    the result (e.g. 0 * NaN from a masked V row of a partial block) fails. A fresh cache from
+    torch.empty can hold NaN bit patterns, so this is a real case, not a contrivance."""
+    block_size = 16
+    inputs = make_paged_inputs(CASES["mixed_with_padded_rows"] + [(7, 1), (0, 20)], num_heads=8,
+                               num_kv_heads=2, head_size=64, block_size=block_size,
+                               dtype=torch.bfloat16, device=device, free_blocks=4)
+    lens, tables = inputs.seq_lens.tolist(), inputs.block_tables.tolist()
+    live = torch.zeros(inputs.kv_cache.shape[1] * block_size, dtype=torch.bool)
+    for table, seq_len in zip(tables, lens):
+        live[[token_slot(table, p, block_size) for p in range(seq_len)]] = True
+    flat = inputs.kv_cache.view(2, -1, *inputs.kv_cache.shape[3:])
+    flat[:, ~live.to(device)] = float("nan")
+
+    used_blocks = {table[j] for table, seq_len in zip(tables, lens) for j in range(-(-seq_len // block_size))}
+    free = [b for b in range(inputs.kv_cache.shape[1]) if b not in used_blocks]
+    for i, seq_len in enumerate(lens):
+        n_used = -(-seq_len // block_size)
+        inputs.block_tables[i, n_used:] = free[i % len(free)]
+    check_attention(inputs, softmax_scale(64), sliding_window)
+
+
+# ---- CUDA only: long contexts (split-KV) and CUDA graphs ----------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_workspace", [False, True])
+@pytest.mark.parametrize("sliding_window", [-1, 1000])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("specs", [
+    [(c, 1) for c in (1, 511, 2047, 4096, 8191, 12345, 300)],
+    [(3000, 100), (4999, 1), (0, 257), (7000, 1), (PAD, 1), (64, 64)],
+], ids=["decode", "mixed"])
+def test_long_contexts(specs, dtype, sliding_window, use_workspace):
+    # Contexts of thousands of tokens cross many splits of the split-KV decode path.
+    head_size, block_size = 128, 16
+    inputs = make_paged_inputs(specs, num_heads=32, num_kv_heads=8, head_size=head_size,
+                               block_size=block_size, dtype=dtype, device="cuda")
+    workspace = None
+    if use_workspace:
+        workspace = _ops.paged_attention_workspace(len(specs), 32, 8, head_size,
+                                                   inputs.block_tables.shape[1], block_size, "cuda")
+    check_attention(inputs, softmax_scale(head_size), sliding_window, workspace)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sliding_window", [-1, 3000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_graph_decode_with_growing_contexts(dtype, sliding_window):
+    """Capture decode at short contexts, then rewrite the metadata in place so that contexts grow past
+    many splits: nothing the kernel decides on the host may depend on this step's data."""
+    num_heads, num_kv_heads, head_size, block_size, max_blocks = 32, 8, 128, 16, 640
+    short = [(5, 1), (PAD, 1), (30, 1), (0, 1), (17, 1), (PAD, 1), (47, 1), (2, 1)]
+    long = [(10_000, 1), (PAD, 1), (16 * max_blocks - 1, 1), (4096, 1), (1, 1), (300, 1), (PAD, 1),
+            (5555, 1)]
+    build = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                 block_size=block_size, dtype=dtype, device="cuda", max_blocks_per_seq=max_blocks)
+    inputs = make_paged_inputs(short, **build)
+    grown = make_paged_inputs(long, **build)
+    inputs.kv_cache = grown.kv_cache  # one pool for both steps: the long step's, the larger
+    scale = softmax_scale(head_size)
+    workspace = _ops.paged_attention_workspace(len(short), num_heads, num_kv_heads, head_size,
+                                               max_blocks, block_size, "cuda")
+    out = torch.empty_like(inputs.query)
+
+    def step():
+        _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, 1, scale,
+                             sliding_window, workspace)
+
+    _ops.set_debug_checks(False)  # they copy metadata to the host: not allowed while capturing
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def check():
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_to_ref(out, lambda d: ref_paged_attention(
+            inputs.query, inputs.kv_cache, *inputs.metadata, scale, sliding_window, dtype=d),
+            dtype, name="graph replay")
+
+    check()
+    for name in ("query", "query_start_loc", "seq_lens", "block_tables"):
+        getattr(inputs, name).copy_(getattr(grown, name))
+    check()
+    assert (out[[1, 6]] == 0).all()  # padded rows
