@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import pytest
@@ -20,6 +21,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    if isinstance(val, torch.dtype):  # "bfloat16" rather than "dtype2" in test ids
+        return str(val).removeprefix("torch.")
+    return None
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -47,13 +54,14 @@ def _seed(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(autouse=True)
 def _debug_checks():
     """Range checks on CUDA too, so a bad index is an error rather than an illegal address.
-    Tests that capture CUDA graphs switch them off (they copy metadata to the host); this restores."""
-    try:
-        from pagedinfer import _ops
-    except ImportError:  # a test that does not need the extension, on a machine without it
+    Tests that capture CUDA graphs switch them off (they copy metadata to the host); this restores.
+    Only where the extension is loaded (test modules that use it import it at collection): the
+    control-plane tests must not depend on a build, nor fail with a stale one."""
+    ops = sys.modules.get("pagedinfer._ops")
+    if ops is None:
         yield
         return
-    previous = _ops.debug_checks_enabled()
-    _ops.set_debug_checks(True)
+    previous = ops.debug_checks_enabled()
+    ops.set_debug_checks(True)
     yield
-    _ops.set_debug_checks(previous)
+    ops.set_debug_checks(previous)

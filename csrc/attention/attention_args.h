@@ -40,9 +40,11 @@ inline AttentionShape check_paged_attention_args(const at::Tensor& out, const at
   check_contiguous(query_start_loc, "query_start_loc");
   check_contiguous(seq_lens, "seq_lens");
   check_contiguous(block_tables, "block_tables");
-  for (auto* t : {&out, &kv_cache, &query_start_loc, &seq_lens, &block_tables}) {
-    check_same_device(*t, query, "every paged_attention tensor", "query");
-  }
+  check_same_device(out, query, "out", "query");
+  check_same_device(kv_cache, query, "kv_cache", "query");
+  check_same_device(query_start_loc, query, "query_start_loc", "query");
+  check_same_device(seq_lens, query, "seq_lens", "query");
+  check_same_device(block_tables, query, "block_tables", "query");
   AttentionShape s;
   s.num_tokens = query.size(0);
   s.num_heads = query.size(1);

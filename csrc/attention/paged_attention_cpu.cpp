@@ -92,7 +92,7 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
                                                       block_tables, max_query_len, sliding_window);
   (void)workspace;  // the CPU path needs no split-KV scratch
   validate_attention_metadata(query_start_loc, seq_lens, block_tables, s.num_tokens, s.num_blocks,
-                              s.block_size);
+                              s.block_size, max_query_len);
   if (s.num_tokens == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_cpu", [&] {
     attend_cpu<scalar_t>(out.data_ptr<scalar_t>(), query.data_ptr<scalar_t>(),

@@ -23,7 +23,9 @@ inline CacheShape check_reshape_and_cache_args(const at::Tensor& key, const at::
   check_contiguous(slot_mapping, "slot_mapping");
   check_same_dtype(key, kv_cache, "key", "kv_cache");
   check_same_dtype(value, kv_cache, "value", "kv_cache");
-  for (auto* t : {&key, &value, &slot_mapping}) check_same_device(*t, kv_cache, "every reshape_and_cache tensor", "kv_cache");
+  check_same_device(key, kv_cache, "key", "kv_cache");
+  check_same_device(value, kv_cache, "value", "kv_cache");
+  check_same_device(slot_mapping, kv_cache, "slot_mapping", "kv_cache");
   CacheShape s{key.size(0), kv_cache.size(3), kv_cache.size(4), kv_cache.size(1), kv_cache.size(2)};
   PI_CHECK(key.size(1) == s.num_kv_heads && key.size(2) == s.head_size, "key must be [num_tokens, ",
            s.num_kv_heads, ", ", s.head_size, "] to match kv_cache, got ", key.sizes());

@@ -34,7 +34,7 @@ void validate_slot_mapping(const at::Tensor& slot_mapping, int64_t num_slots) {
 
 void validate_attention_metadata(const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                                  const at::Tensor& block_tables, int64_t num_tokens,
-                                 int64_t num_blocks, int64_t block_size) {
+                                 int64_t num_blocks, int64_t block_size, int64_t max_query_len) {
   at::Tensor qsl = host_copy(query_start_loc), lens = host_copy(seq_lens), bt = host_copy(block_tables);
   const int32_t* q = qsl.data_ptr<int32_t>();
   const int32_t* l = lens.data_ptr<int32_t>();
@@ -47,6 +47,8 @@ void validate_attention_metadata(const at::Tensor& query_start_loc, const at::Te
     const int64_t q_len = int64_t(q[s + 1]) - q[s];
     PI_CHECK(q_len >= 0, "query_start_loc must not decrease: query_start_loc[", s, "] = ", q[s],
              " > query_start_loc[", s + 1, "] = ", q[s + 1]);
+    PI_CHECK(q_len <= max_query_len, "sequence ", s, " has ", q_len, " query tokens but max_query_len is ",
+             max_query_len);
     PI_CHECK(l[s] >= 0, "seq_lens[", s, "] = ", l[s], " is negative");
     if (l[s] == 0) continue;  // padded row: reads nothing, writes zeros
     PI_CHECK(l[s] >= q_len, "seq_lens[", s, "] = ", l[s], " is shorter than its ", q_len,

@@ -10,11 +10,12 @@ namespace pagedinfer {
 // slot_mapping[num_tokens] int64: each -1 or in [0, num_slots).
 void validate_slot_mapping(const at::Tensor& slot_mapping, int64_t num_slots);
 
-// query_start_loc starts at 0, never decreases, ends at num_tokens; every seq_len 0 (padded) or
-// >= q_len; every block a sequence reads is in [0, num_blocks).
+// query_start_loc starts at 0, never decreases, ends at num_tokens; every q_len <= max_query_len (the
+// decode path reads one row per sequence); every seq_len 0 (padded) or >= q_len; every block a
+// sequence reads is in [0, num_blocks).
 void validate_attention_metadata(const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                                  const at::Tensor& block_tables, int64_t num_tokens,
-                                 int64_t num_blocks, int64_t block_size);
+                                 int64_t num_blocks, int64_t block_size, int64_t max_query_len);
 
 // block_mapping[num_pairs, 2] int64: src in [0, num_src_blocks), dst in [0, num_dst_blocks).
 void validate_block_mapping(const at::Tensor& block_mapping, int64_t num_src_blocks,

@@ -15,7 +15,7 @@ inline void check_rms_norm_args(const at::Tensor& out, const at::Tensor& input, 
   check_same_dtype(weight, input, "weight", "input");
   check_same_device(out, input, "out", "input");
   check_same_device(weight, input, "weight", "input");
-  PI_CHECK(input.dim() >= 1 && input.stride(-1) == 1, "input must have a contiguous last dim, got strides ",
+  PI_CHECK(input.dim() >= 1 && (input.stride(-1) == 1 || input.size(-1) <= 1), "input must have a contiguous last dim, got strides ",
            input.strides());
   check_contiguous(out, "out");
   check_contiguous(weight, "weight");
@@ -53,12 +53,14 @@ inline RotaryShape check_rotary_args(const at::Tensor& positions, const at::Tens
   check_same_dtype(cos_sin_cache, query, "cos_sin_cache", "query");
   check_dim(cos_sin_cache, 2, "cos_sin_cache");
   check_contiguous(cos_sin_cache, "cos_sin_cache");
-  for (auto* t : {&positions, &key, &cos_sin_cache}) check_same_device(*t, query, "every rotary_embedding tensor", "query");
+  check_same_device(positions, query, "positions", "query");
+  check_same_device(key, query, "key", "query");
+  check_same_device(cos_sin_cache, query, "cos_sin_cache", "query");
   PI_CHECK(head_size > 0, "head_size must be > 0, got ", head_size);
   for (auto* t : {&query, &key}) {
     PI_CHECK(t->dim() == 2 || t->dim() == 3, "query and key must be [num_tokens, heads * head_size] or "
              "[num_tokens, heads, head_size], got ", t->sizes());
-    PI_CHECK(t->stride(-1) == 1 && (t->dim() == 2 || t->stride(1) == t->size(2)),
+    PI_CHECK((t->stride(-1) == 1 || t->size(-1) <= 1) && (t->dim() == 2 || t->stride(1) == t->size(2)),
              "query and key must have packed heads, got strides ", t->strides());
     PI_CHECK(t->size(0) == positions.size(0), "query/key have ", t->size(0), " tokens but positions has ",
              positions.size(0));

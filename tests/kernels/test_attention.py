@@ -9,8 +9,8 @@ import torch
 
 from pagedinfer import _ops
 from tests.kernels.reference import ref_paged_attention, ref_reshape_and_cache, token_slot
-from tests.kernels.utils import (FLOAT_DTYPES, PAD, PagedInputs, assert_close_to_ref, make_paged_inputs,
-                                 randn, random_seq_specs)
+from tests.kernels.utils import (FLOAT_DTYPES, PAD, PagedInputs, assert_close_to_ref, cdiv,
+                                 make_paged_inputs, randn, random_seq_specs)
 
 
 def softmax_scale(head_size: int) -> float:
@@ -38,8 +38,8 @@ def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
         inputs.query.dtype, name="paged_attention")
 
 
-# (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Contexts straddle block
-# boundaries of 8, 16 and 32 (one before, at, after) and leave partial last blocks.
+# (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Lengths straddle multiples of
+# 8, 16 and 32 (one before, at, after) and leave partial last blocks.
 CASES = {
     "single_token": [(0, 1)],
     "decode_ragged_batch17": [(c, 1) for c in (0, 1, 6, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100,
@@ -55,10 +55,11 @@ CASES = {
 
 @pytest.mark.parametrize("sliding_window", [-1, 1, 19])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("case", list(CASES))
-def test_batch_shapes(device, case, dtype, sliding_window):
-    inputs = make_paged_inputs(CASES[case], num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
-                               dtype=dtype, device=device)
+def test_batch_shapes(device, case, block_size, dtype, sliding_window):
+    inputs = make_paged_inputs(CASES[case], num_heads=8, num_kv_heads=2, head_size=64,
+                               block_size=block_size, dtype=dtype, device=device)
     check_attention(inputs, softmax_scale(64), sliding_window)
 
 
@@ -146,11 +147,11 @@ def test_stale_cache_contents_are_never_read(device, sliding_window):
     flat = inputs.kv_cache.view(2, -1, *inputs.kv_cache.shape[3:])
     flat[:, ~live.to(device)] = float("nan")
 
-    used_blocks = {table[j] for table, seq_len in zip(tables, lens) for j in range(-(-seq_len // block_size))}
+    used = [cdiv(seq_len, block_size) for seq_len in lens]
+    used_blocks = {table[j] for table, n in zip(tables, used) for j in range(n)}
     free = [b for b in range(inputs.kv_cache.shape[1]) if b not in used_blocks]
-    for i, seq_len in enumerate(lens):
-        n_used = -(-seq_len // block_size)
-        inputs.block_tables[i, n_used:] = free[i % len(free)]
+    for i, n in enumerate(used):
+        inputs.block_tables[i, n:] = free[i % len(free)]
     check_attention(inputs, softmax_scale(64), sliding_window)
 
 

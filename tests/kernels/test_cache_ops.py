@@ -9,7 +9,8 @@ import torch
 from pagedinfer import _ops
 from tests.kernels.reference import (ref_copy_blocks, ref_paged_attention, ref_reshape_and_cache,
                                      ref_swap_blocks)
-from tests.kernels.utils import FLOAT_DTYPES, assert_close_to_ref, distinct_blocks, randn, row_strided
+from tests.kernels.utils import (FLOAT_DTYPES, assert_close_to_ref, cdiv, distinct_blocks, randn,
+                                 row_strided)
 
 
 def random_cache(num_blocks: int, block_size: int = 16, num_kv_heads: int = 4, head_size: int = 64,
@@ -30,7 +31,7 @@ def block_mapping(pairs: list[tuple[int, int]], device: str = "cpu") -> torch.Te
                          [(1, 64, 16), (8, 128, 16), (3, 80, 8), (2, 256, 32)])
 @pytest.mark.parametrize("num_tokens", [0, 1, 17, 100])
 def test_reshape_and_cache(device, num_tokens, num_kv_heads, head_size, block_size, dtype):
-    num_blocks = 2 * (-(-num_tokens // block_size)) + 3
+    num_blocks = 2 * cdiv(num_tokens, block_size) + 3  # room to scatter the tokens
     cache = random_cache(num_blocks, block_size, num_kv_heads, head_size, dtype, device)
     # key and value as row views of a wider qkv buffer, as the engine passes them.
     key = row_strided(num_tokens, (num_kv_heads, head_size), dtype, device)

@@ -153,6 +153,13 @@ def attention_seq_len_shorter_than_q_len(device):
 
 
 @case(index=True)
+def attention_q_len_above_max_query_len(device):
+    # A decode launch (max_query_len 1) reads one row per sequence: a longer one must be refused.
+    inputs = attention_inputs(device)
+    return attention_call(inputs, max_query_len=1), "max_query_len"
+
+
+@case(index=True)
 def attention_seq_len_negative(device):
     inputs = attention_inputs(device)
     return attention_call(inputs, seq_lens=with_entry(inputs.seq_lens, 1, -5)), r"seq_lens\[1\]"
