@@ -31,6 +31,29 @@ struct PagedAttentionParams {
   bool one_row_per_seq;    // decode: grid items are sequences (q_len 1); else grid items are query tokens
 };
 
+// What one CTA of either kernel computes: blockIdx.x enumerates (item, kv head, head tile, split), split
+// fastest, so the splits of one (row, kv head) run side by side.
+struct CtaWork {
+  int item;       // grid item: a sequence (decode grids) or a query token (general grids)
+  int kv_head;
+  int head_tile;  // which tile of heads_per_cta query heads of the kv head's group
+  int split;      // which part of the keys (split-KV)
+};
+
+__device__ __forceinline__ CtaWork cta_work(const PagedAttentionParams& p, int heads_per_cta) {
+  const int group = p.num_heads / p.num_kv_heads;
+  const int head_tiles = (group + heads_per_cta - 1) / heads_per_cta;
+  int b = blockIdx.x;
+  CtaWork w;
+  w.split = b % p.num_splits;
+  b /= p.num_splits;
+  w.head_tile = b % head_tiles;
+  b /= head_tiles;
+  w.kv_head = b % p.num_kv_heads;
+  w.item = b / p.num_kv_heads;
+  return w;
+}
+
 // One query row a CTA serves: the token (row of query/out) and the keys [key_begin, key_end) it sees.
 struct QueryRow {
   int token;      // < 0: nothing to write (a sequence with no query token)

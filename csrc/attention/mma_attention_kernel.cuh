@@ -65,14 +65,8 @@ __global__ void __launch_bounds__(MmaAttentionConfig<T, kHeadSize>::kThreads)
 
   // ---- which work this CTA does ------------------------------------------------------------------------
   const int group = p.num_heads / p.num_kv_heads;
-  const int head_tiles = (group + Cfg::kRows - 1) / Cfg::kRows;
-  int b = blockIdx.x;
-  const int split = b % p.num_splits;
-  b /= p.num_splits;
-  const int head_tile = b % head_tiles;
-  b /= head_tiles;
-  const int kv_head = b % p.num_kv_heads;
-  const int item = b / p.num_kv_heads;
+  const CtaWork work = cta_work(p, Cfg::kRows);
+  const int item = work.item, kv_head = work.kv_head, head_tile = work.head_tile, split = work.split;
 
   const QueryRow row = locate_query_row(p, item);
   if (row.token < 0) return;  // uniform over the CTA

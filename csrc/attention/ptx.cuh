@@ -6,24 +6,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "core/float_convert.cuh"
+
 #include <cstdint>
 
 namespace pagedinfer::attention {
-
-// ---- element conversions ---------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Two floats as one 32-bit register of two 16-bit values, `lo` in the low half: the element order of
 // every mma.sync fragment (the lower column index sits in the lower half).

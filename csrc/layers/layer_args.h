@@ -26,6 +26,17 @@ inline void check_rms_norm_args(const at::Tensor& out, const at::Tensor& input, 
   PI_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
 }
 
+// residual += input; input = rms_norm(residual): both [num_tokens, hidden], residual contiguous.
+inline void check_fused_add_rms_norm_args(const at::Tensor& input, const at::Tensor& residual,
+                                          const at::Tensor& weight, double eps) {
+  check_rms_norm_args(input, input, weight, eps);
+  check_same_dtype(residual, input, "residual", "input");
+  check_same_device(residual, input, "residual", "input");
+  PI_CHECK(residual.sizes() == input.sizes(), "residual must have input's shape ", input.sizes(), ", got ",
+           residual.sizes());
+  check_contiguous(residual, "residual");
+}
+
 // Rows of a tensor seen as [num_rows, hidden] with a row stride (a 2-D view with a contiguous last dim).
 inline int64_t row_stride_of(const at::Tensor& t) {
   if (t.dim() < 2 || t.numel() == 0) return t.size(-1);

@@ -13,23 +13,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/float_convert.cuh"
+
 namespace pagedinfer::layers {
 
-// ---- conversions and vectors ---------------------------------------------------------------------
-// By intrinsics, not conversion operators: torch builds define __CUDA_NO_HALF_CONVERSIONS__ and the like.
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);  // round to nearest even, as c10's conversions
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
+// ---- conversions (core/float_convert.cuh) and vectors -----------------------------------------------
 // x as stored in T, back in float: the rounding point of a CPU expression T(x) used as a float.
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_float(from_float<T>(x)); }

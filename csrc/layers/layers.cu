@@ -111,12 +111,7 @@ void rms_norm_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& w
 }
 
 void fused_add_rms_norm_cuda(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_rms_norm_args(input, input, weight, eps);
-  check_same_dtype(residual, input, "residual", "input");
-  check_same_device(residual, input, "residual", "input");
-  PI_CHECK(residual.sizes() == input.sizes(), "residual must have input's shape ", input.sizes(), ", got ",
-           residual.sizes());
-  check_contiguous(residual, "residual");
+  check_fused_add_rms_norm_args(input, residual, weight, eps);
   if (input.numel() == 0) return;
   launch_rms_norm<true>(input, input, &residual, weight, eps);
 }

@@ -50,12 +50,7 @@ void rms_norm_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& we
 }
 
 void fused_add_rms_norm_cpu(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_rms_norm_args(input, input, weight, eps);
-  check_same_dtype(residual, input, "residual", "input");
-  check_same_device(residual, input, "residual", "input");
-  PI_CHECK(residual.sizes() == input.sizes(), "residual must have input's shape ", input.sizes(), ", got ",
-           residual.sizes());
-  check_contiguous(residual, "residual");
+  check_fused_add_rms_norm_args(input, residual, weight, eps);
   const int64_t hidden = input.size(-1), rows = input.numel() / std::max<int64_t>(hidden, 1);
   if (input.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_add_rms_norm_cpu", [&] {
