@@ -165,12 +165,14 @@ def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: `block_size` tokens a block, `num_gpu_blocks` of them (None: the model
-    runner sizes the pool by profiling, to `gpu_memory_utilization` of the card)."""
+    runner sizes the pool, to `gpu_memory_utilization` of the card, or `cpu_kv_cache_space_gib`)."""
 
     block_size: int = 16
     num_gpu_blocks: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     swap_space_gib: float = 4.0
+    # On the CPU the pool has a fixed size (vLLM's VLLM_CPU_KVCACHE_SPACE): there is no card to fill.
+    cpu_kv_cache_space_gib: float = 4.0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -181,3 +183,80 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.swap_space_gib < 0:
             raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
+        if self.cpu_kv_cache_space_gib <= 0:
+            raise ValueError(f"cpu_kv_cache_space_gib must be > 0, got {self.cpu_kv_cache_space_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching: at most `max_num_seqs` running sequences, and `max_num_batched_tokens`
+    new tokens a step (decodes and prompt chunks alike; a longer prompt is split into chunks)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+
+
+# Default token budget a step, vLLM's for offline use: big steps amortize the weight reads on a GPU;
+# on the CPU compute is the limit and smaller steps keep decodes flowing between prompt chunks.
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 4096}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from, every "auto" and default resolved (`create`)."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: torch.device
+    tokenizer: Optional[str]  # a local HF folder or .gguf file; None: no tokenizer (token ids in and out)
+    load_format: str = "auto"
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    @classmethod
+    def create(cls, model: str, tokenizer: Optional[str] = None, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "auto", max_model_len: Optional[int] = None,
+               max_num_seqs: int = 256, max_num_batched_tokens: Optional[int] = None,
+               block_size: int = 16, enable_prefix_caching: bool = True,
+               num_gpu_blocks_override: Optional[int] = None, gpu_memory_utilization: float = 0.9,
+               swap_space: float = 4.0, kv_cache_space: float = 4.0, load_format: str = "auto",
+               seed: int = 0, trust_remote_code: bool = False,
+               skip_tokenizer_init: bool = False) -> EngineConfig:
+        """The one place defaults are decided: device "auto" is CUDA when available, else the CPU;
+        max_num_batched_tokens defaults to 8192 on CUDA and 4096 on the CPU (at least max_num_seqs)."""
+        for path in (model, tokenizer):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{path!r} is not a local HF folder or .gguf file (downloading from "
+                                 f"the Hugging Face Hub is not supported yet)")
+        resolved_device = resolve_device(device)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(_DEFAULT_MAX_NUM_BATCHED_TOKENS[resolved_device.type],
+                                         max_num_seqs)
+        return cls(
+            model=ModelConfig.from_pretrained(model, dtype, resolved_device, max_model_len),
+            cache=CacheConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks_override,
+                              gpu_memory_utilization=gpu_memory_utilization, swap_space_gib=swap_space,
+                              cpu_kv_cache_space_gib=kv_cache_space),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      enable_prefix_caching=enable_prefix_caching),
+            device=resolved_device,
+            tokenizer=None if skip_tokenizer_init else str(tokenizer or model),
+            load_format=load_format,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The engine's device: "auto" is CUDA when a device is present, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested, but no CUDA device is available")
+    return resolved

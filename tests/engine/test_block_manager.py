@@ -186,6 +186,15 @@ def test_prefix_caching_off():
     assert again.block_hashes == [] and manager.stats.queried_tokens == 0
 
 
+def test_prompt_logprobs_bypass_the_prefix_cache():
+    # They need the logits of every prompt token, so none of its KV may come from the cache.
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE)
+    manager.free(run_prompt(manager, list(range(9))))
+    wants_logprobs = SequenceGroup("r", list(range(9)), SamplingParams(prompt_logprobs=1)).seqs[0]
+    assert manager.cached_prefix_length(wants_logprobs) == 0 and manager.allocate(wants_logprobs, 9) == 0
+    assert manager.cached_prefix_length(make_seq(list(range(9)))) == 8
+
+
 def test_a_block_is_reusable_in_the_step_that_computes_it():
     # Hashes are registered at allocation: a prompt admitted in the same step shares the block (safe
     # because every layer writes the step's KV before attention reads the cache).

@@ -1,4 +1,5 @@
-"""ModelConfig from the config.json variants found in the wild, and dtype resolution."""
+"""ModelConfig from the config.json variants found in the wild, dtype and device resolution, and the
+engine's defaults."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedinfer.config import CacheConfig, Llama3RopeScaling, ModelConfig, resolve_dtype
+from pagedinfer.config import (CacheConfig, EngineConfig, Llama3RopeScaling, ModelConfig,
+                               resolve_device, resolve_dtype)
 
 DATA = Path(__file__).parent / "data"
 
@@ -99,3 +101,23 @@ def test_cache_config_validates() -> None:
     assert CacheConfig().block_size == 16
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         CacheConfig(gpu_memory_utilization=1.5)
+
+
+def test_engine_config_resolves_defaults(checkpoint) -> None:
+    folder = str(checkpoint("gqa2"))
+    config = EngineConfig.create(folder, device="cpu")
+    assert (config.device, config.tokenizer, config.model.max_model_len) == (torch.device("cpu"), folder, 256)
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (256, 4096)
+    assert config.cache.num_gpu_blocks is None and config.scheduler.enable_prefix_caching
+    # The budget never drops below one decode token per running sequence.
+    many = EngineConfig.create(folder, device="cpu", max_num_seqs=5000)
+    assert many.scheduler.max_num_batched_tokens == 5000
+    assert EngineConfig.create(folder, device="cpu", skip_tokenizer_init=True).tokenizer is None
+    with pytest.raises(ValueError, match="not supported yet"):
+        EngineConfig.create("org/not-a-local-folder")
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="'auto', 'cuda' or 'cpu'"):
+        resolve_device("mps")

@@ -145,7 +145,8 @@ class BlockManager:
         return self._ref_counts[seq.block_table[seq.num_computed_tokens // self.block_size]] > 1
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        if not self.enable_prefix_caching:
+        # prompt_logprobs need the logits of every prompt token, so none of them may be skipped.
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []
         blocks = []
         # The last token is always computed: sampling needs its logits.

@@ -119,6 +119,8 @@ class SequenceGroup:
     sampling_params: SamplingParams = field(repr=False)
     # Any of them ends a sequence (unless ignore_eos): ModelConfig.eos_token_ids.
     eos_token_ids: tuple[int, ...] = ()
+    # Keys the sampling noise: sampling_params.seed, or one the engine drew for the request.
+    seed: int = 0
     prompt: str | None = field(default=None, repr=False)
     arrival_time: float = field(default_factory=time.time)
     arrival_order: int = field(init=False, default_factory=lambda: next(_next_arrival))

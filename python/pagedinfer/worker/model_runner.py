@@ -1,0 +1,176 @@
+"""The model runner: a scheduled step in, sampled tokens and logprobs out (as host lists).
+
+It owns the model, the KV cache and the sampler. A step is: copy the blocks of forked sequences, build
+the flat batch of new tokens with their positions and attention metadata, run the model, and compute
+logits only where they are needed (the last token of each entry that samples, and prompt tokens whose
+logprobs were asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pagedinfer import _ops
+from pagedinfer.attention import AttentionMetadata
+from pagedinfer.config import EngineConfig
+from pagedinfer.engine.scheduler import ScheduledSequence, SchedulerOutput
+from pagedinfer.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from pagedinfer.models.loader import load_model
+from pagedinfer.sampling_params import SamplingParams
+from pagedinfer.worker.cache_engine import CacheEngine, num_kv_blocks
+
+
+@dataclass
+class TokenLogprobs:
+    """Host lists, one row per token: the token, its logprob and rank (1 = most likely) under the raw
+    logits, and the top-k alternatives (empty rows when none were asked for)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_logprobs: list[list[float]]
+    top_token_ids: list[list[int]]
+
+    @classmethod
+    def from_tensors(cls, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor,
+                     top_logprobs: Optional[torch.Tensor], top_token_ids: Optional[torch.Tensor]
+                     ) -> TokenLogprobs:
+        no_top = [[] for _ in range(len(token_ids))]
+        return cls(token_ids.tolist(), logprobs.tolist(), ranks.tolist(),
+                   no_top if top_logprobs is None else top_logprobs.tolist(),
+                   no_top if top_token_ids is None else top_token_ids.tolist())
+
+
+@dataclass
+class PromptLogprobsChunk:
+    """prompt_logprobs of the prompt tokens [first_position, first_position + len) of one entry."""
+
+    entry_index: int  # in SchedulerOutput.scheduled
+    first_position: int
+    logprobs: TokenLogprobs
+
+
+@dataclass
+class StepResult:
+    # One row per sampled token: the entries with num_samples > 0 in schedule order, num_samples rows
+    # each (a forking sequence first, then its new siblings).
+    sampled: TokenLogprobs
+    prompt_logprobs: list[PromptLogprobsChunk]
+
+
+@dataclass
+class _StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    metadata: AttentionMetadata
+    first_rows: list[int]    # each entry's first row in the flat batch
+    sample_rows: list[int]   # the row each sampled token's logits come from (repeated when forking)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        model_config, cache_config = config.model, config.cache
+        self.config = config
+        self.device = config.device
+        self.model = load_model(model_config, config.device, config.load_format, config.seed)
+        # Sized after loading: on CUDA the cache takes what the weights left.
+        num_blocks = num_kv_blocks(model_config, cache_config, config.scheduler, config.device)
+        self.cache = CacheEngine(model_config, num_blocks, cache_config.block_size, config.device)
+        self.sampler = Sampler()
+        max_blocks_per_seq = -(-model_config.max_model_len // cache_config.block_size)
+        self.workspace = _ops.paged_attention_workspace(
+            config.scheduler.max_num_seqs, model_config.num_attention_heads,
+            model_config.num_key_value_heads, model_config.head_dim, max_blocks_per_seq,
+            cache_config.block_size, config.device)
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        # Before the forward: a forked sequence writes into its own copy of a shared partial block.
+        self.cache.copy(step.blocks_to_copy)
+        inputs = self._prepare_inputs(step)
+        hidden_states = self.model(inputs.input_ids, inputs.positions, self.cache.kv_caches, inputs.metadata)
+        return StepResult(self._sample(step, inputs, hidden_states),
+                          self._prompt_logprobs(step, inputs, hidden_states))
+
+    def _prepare_inputs(self, step: SchedulerOutput) -> _StepInputs:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        first_rows, sample_rows = [], []
+        for entry in step.scheduled:
+            first_rows.append(len(input_ids))
+            input_ids += entry.new_token_ids
+            positions += range(entry.num_computed_tokens, entry.num_computed_tokens + entry.num_new_tokens)
+            sample_rows += [len(input_ids) - 1] * entry.num_samples
+        metadata = AttentionMetadata.build(
+            seq_lens=[e.num_computed_tokens + e.num_new_tokens for e in step.scheduled],
+            query_lens=[e.num_new_tokens for e in step.scheduled],
+            block_tables=[e.seq.block_table for e in step.scheduled],
+            block_size=self.cache.block_size, device=self.device, workspace=self.workspace)
+        return _StepInputs(torch.tensor(input_ids, dtype=torch.int64, device=self.device),
+                           torch.tensor(positions, dtype=torch.int64, device=self.device),
+                           metadata, first_rows, sample_rows)
+
+    def _sample(self, step: SchedulerOutput, inputs: _StepInputs,
+                hidden_states: torch.Tensor) -> TokenLogprobs:
+        rows = [row for entry in step.scheduled for row in _sample_rows(entry)]
+        if not rows:  # every entry was a prompt chunk short of its end
+            return TokenLogprobs([], [], [], [], [])
+        batch = SamplingBatch.build(
+            params=[row.params for row in rows], seeds=[row.seed for row in rows],
+            offsets=[row.offset for row in rows], prompt_ids=[row.prompt_ids for row in rows],
+            output_ids=[row.output_ids for row in rows], banned=[row.banned for row in rows],
+            vocab_size=self.config.model.vocab_size, device=self.device)
+        row_index = torch.tensor(inputs.sample_rows, device=self.device)
+        out = self.sampler(self.model.compute_logits(hidden_states[row_index]), batch)
+        return TokenLogprobs.from_tensors(out.token_ids, out.logprobs, out.ranks, out.top_logprobs,
+                                          out.top_token_ids)
+
+    def _prompt_logprobs(self, step: SchedulerOutput, inputs: _StepInputs,
+                         hidden_states: torch.Tensor) -> list[PromptLogprobsChunk]:
+        chunks = []
+        for index, (entry, first_row) in enumerate(zip(step.scheduled, inputs.first_rows)):
+            seq = entry.seq
+            # Only the first computation of the prompt: siblings and resumed sequences have outputs.
+            if seq.sampling_params.prompt_logprobs is None or seq.num_output_tokens:
+                continue
+            # The logits at position p score prompt token p + 1; the last prompt token scores an output.
+            start = entry.num_computed_tokens
+            end = min(start + entry.num_new_tokens, seq.num_prompt_tokens - 1)
+            if end <= start:
+                continue
+            logits = self.model.compute_logits(hidden_states[first_row:first_row + end - start])
+            next_ids = torch.tensor(seq.token_ids[start + 1:end + 1], device=self.device)
+            chunks.append(PromptLogprobsChunk(index, start + 1, TokenLogprobs.from_tensors(
+                next_ids, *compute_prompt_logprobs(logits, next_ids, seq.sampling_params.prompt_logprobs))))
+        return chunks
+
+
+@dataclass
+class _SampleRow:
+    params: SamplingParams
+    seed: int
+    offset: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    banned: list[int]
+
+
+def _sample_rows(entry: ScheduledSequence) -> list[_SampleRow]:
+    """The entry's num_samples rows. Sampling noise is keyed by (request seed, sibling index, output
+    position) alone, so a token does not depend on the batch it was sampled in, nor on preemption."""
+    if not entry.num_samples:
+        return []
+    seq, group = entry.seq, entry.seq.group
+    params = seq.sampling_params
+    # A forking sequence's extra samples go to the siblings fork() is about to create, in this order.
+    siblings = [seq.index, *range(len(group.seqs), len(group.seqs) + entry.num_samples - 1)]
+    # While min_tokens is not reached, the tokens that would stop the sequence are banned.
+    banned: list[int] = []
+    if seq.num_output_tokens < params.min_tokens:
+        banned = params.stop_token_ids + ([] if params.ignore_eos else list(group.eos_token_ids))
+    return [_SampleRow(params, group.seed, (sibling << 32) | seq.num_output_tokens,
+                       group.prompt_token_ids, seq.output_token_ids, banned)
+            for sibling in siblings]
