@@ -329,10 +329,14 @@ def test_penalties_and_logit_bias(tiny_model: Path, hf, device: str) -> None:
         seen = (counts(prompt + outputs, logits) > 0)
         return torch.where(seen, torch.where(logits > 0, logits / 1.7, logits * 1.7), logits)
 
+    penalized = {"presence/frequency": hf_greedy(hf, prompt, 12, presence_frequency),
+                 "repetition": hf_greedy(hf, prompt, 12, repetition)}
+    assert ours(frequency_penalty=0.5, presence_penalty=1.5) == penalized["presence/frequency"]
+    assert ours(repetition_penalty=1.7) == penalized["repetition"]
+    # Not vacuous: some penalty changed the greedy tokens. (Presence/frequency alone changes nothing when
+    # the plain output repeats no token, as happened on an H200; repetition also counts the prompt.)
     plain = ours()
-    assert ours(frequency_penalty=0.5, presence_penalty=1.5) == hf_greedy(hf, prompt, 12, presence_frequency)
-    assert ours(repetition_penalty=1.7) == hf_greedy(hf, prompt, 12, repetition)
-    assert plain != hf_greedy(hf, prompt, 12, presence_frequency)  # the penalties did change something
+    assert any(tokens != plain for tokens in penalized.values())
     assert ours(logit_bias={42: 100.0}) == [42] * 12
     allowed = [5, 6, 7]
     assert set(ours(allowed_token_ids=allowed)) <= set(allowed)
