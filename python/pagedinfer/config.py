@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import torch
 
+from pagedinfer.models.model_path import resolve_model_path
+
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "half": torch.float16,
@@ -226,10 +228,8 @@ class EngineConfig:
                skip_tokenizer_init: bool = False) -> EngineConfig:
         """The one place defaults are decided: device "auto" is CUDA when available, else the CPU;
         max_num_batched_tokens defaults to 8192 on CUDA and 4096 on the CPU (at least max_num_seqs)."""
-        for path in (model, tokenizer):
-            if path is not None and not Path(path).exists():
-                raise ValueError(f"{path!r} is not a local HF folder or .gguf file (downloading from "
-                                 f"the Hugging Face Hub is not supported yet)")
+        model = resolve_model_path(model, "model")
+        tokenizer = None if tokenizer is None else resolve_model_path(tokenizer, "tokenizer")
         resolved_device = resolve_device(device)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(_DEFAULT_MAX_NUM_BATCHED_TOKENS[resolved_device.type],

@@ -153,8 +153,26 @@ def test_unsupported_options_are_refused(tiny_model: Path) -> None:
         LLM(model=str(tiny_model), quantization="gptq", device="cpu")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(model=str(tiny_model), tensor_parallel_size=2, device="cpu")
-    with pytest.raises(ValueError, match="not supported yet"):
+    with pytest.raises(ValueError, match="model='meta-llama/Llama-3.1-8B-Instruct' is neither"):
         LLM(model="meta-llama/Llama-3.1-8B-Instruct", device="cpu")
+
+
+def test_model_id_from_the_local_hf_cache(tiny_model: Path, hf, device: str, monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    """A model id found in the HF cache loads from there (the cache's own layout), no network."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    llm = make_llm("tiny-org/tiny-llama", device)
+    prompt = [5, 9, 14, 3, 27, 8]
+    (output,) = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=6),
+                             use_tqdm=False)
+    assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 6)
 
 
 def test_seeded_sampling_is_independent_of_batch_and_preemption(tiny_model: Path, device: str) -> None:
