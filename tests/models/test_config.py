@@ -113,8 +113,10 @@ def test_engine_config_resolves_defaults(checkpoint) -> None:
     many = EngineConfig.create(folder, device="cpu", max_num_seqs=5000)
     assert many.scheduler.max_num_batched_tokens == 5000
     assert EngineConfig.create(folder, device="cpu", skip_tokenizer_init=True).tokenizer is None
-    with pytest.raises(ValueError, match="not supported yet"):
+    with pytest.raises(ValueError, match="model='org/not-a-local-folder' is neither a local"):
         EngineConfig.create("org/not-a-local-folder")
+    with pytest.raises(ValueError, match="tokenizer='org/no-tokenizer' is neither a local"):
+        EngineConfig.create(folder, tokenizer="org/no-tokenizer")
 
 
 def test_resolve_device() -> None:
