@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`pagedinfer serve`). Needs the `serve` extra: pip install pagedinfer[serve]."""
