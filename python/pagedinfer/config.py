@@ -47,8 +47,11 @@ class ModelConfig:
     max_position_embeddings: int
     max_model_len: int  # the longest sequence the engine serves (sizes the RoPE cache)
     tie_word_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool
+    o_proj_bias: bool
     mlp_bias: bool
+    # Per layer: how many of the latest keys (its own included) a query attends to; -1: all of them.
+    layer_sliding_windows: tuple[int, ...]
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
 
@@ -59,6 +62,9 @@ class ModelConfig:
         if not 0 < self.max_model_len <= self.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} must be in "
                              f"[1, max_position_embeddings = {self.max_position_embeddings}]")
+        if len(self.layer_sliding_windows) != self.num_hidden_layers:
+            raise ValueError(f"{len(self.layer_sliding_windows)} sliding windows for "
+                             f"{self.num_hidden_layers} layers")
 
     @classmethod
     def from_pretrained(cls, model: str | Path, dtype: str | torch.dtype = "auto",
@@ -87,6 +93,7 @@ class ModelConfig:
         heads = hf["num_attention_heads"]
         rope_theta, rope_scaling = _rope(hf)
         max_position = hf.get("max_position_embeddings", 2048)
+        attention_bias = hf.get("attention_bias", False)
         return cls(
             model=model,
             architecture=architectures[0],
@@ -105,8 +112,10 @@ class ModelConfig:
             max_position_embeddings=max_position,
             max_model_len=max_model_len or max_position,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=hf.get("attention_bias", False),
+            qkv_bias=attention_bias or architectures[0] in _QKV_BIAS_ARCHITECTURES,
+            o_proj_bias=attention_bias,
             mlp_bias=hf.get("mlp_bias", False),
+            layer_sliding_windows=_layer_sliding_windows(hf, architectures[0]),
             # transformers 5 writes "dtype", 4.x wrote "torch_dtype".
             dtype=resolve_dtype(dtype, hf.get("dtype") or hf.get("torch_dtype"), device),
             eos_token_ids=eos_token_ids or _as_ids(hf.get("eos_token_id")),
@@ -127,6 +136,29 @@ def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: Optional[str],
     if torch.device(device).type == "cpu" and dtype == torch.float16:
         return torch.float32
     return dtype
+
+
+# What these architectures' HF code hard-wires rather than reads from the config.
+_QKV_BIAS_ARCHITECTURES = {"Qwen2ForCausalLM"}  # biased q/k/v projections, unbiased o_proj
+_SLIDING_WINDOW_OFF_BY_DEFAULT = {"Qwen2ForCausalLM"}  # a missing use_sliding_window means false
+_SLIDING_WINDOW_ARCHITECTURES = {"MistralForCausalLM", "Qwen2ForCausalLM"}  # HF Llama ignores the key
+
+
+def _layer_sliding_windows(hf: dict[str, Any], architecture: str) -> tuple[int, ...]:
+    """Each layer's window, as transformers decides it. Qwen2 configs carry a sliding_window even when
+    use_sliding_window is false, and then it is off. When on, it applies to the layers layer_types calls
+    "sliding_attention"; without layer_types (written by transformers 4), to the layers from
+    max_window_layers on: Qwen2's rule, which covers every layer of Mistral (no max_window_layers)."""
+    num_layers = hf["num_hidden_layers"]
+    enabled = architecture in _SLIDING_WINDOW_ARCHITECTURES and hf.get(
+        "use_sliding_window", architecture not in _SLIDING_WINDOW_OFF_BY_DEFAULT)
+    window = hf.get("sliding_window") if enabled else None
+    if window is None:
+        return (-1,) * num_layers
+    first_sliding = hf.get("max_window_layers", 0)
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
+    return tuple(window if kind == "sliding_attention" else -1 for kind in layer_types)
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, Optional[Llama3RopeScaling]]:
@@ -192,11 +224,19 @@ class CacheConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching: at most `max_num_seqs` running sequences, and `max_num_batched_tokens`
-    new tokens a step (decodes and prompt chunks alike; a longer prompt is split into chunks)."""
+    new tokens a step (decodes and prompt chunks alike; a longer prompt is split into chunks). When the
+    KV cache is full, the newest sequence is preempted: its KV recomputed later ("recompute"), or
+    moved to the CPU swap space and back ("swap")."""
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', "
+                             f"got {self.preemption_mode!r}")
 
 
 # Default token budget a step, vLLM's for offline use: big steps amortize the weight reads on a GPU;
@@ -223,7 +263,8 @@ class EngineConfig:
                max_num_seqs: int = 256, max_num_batched_tokens: Optional[int] = None,
                block_size: int = 16, enable_prefix_caching: bool = True,
                num_gpu_blocks_override: Optional[int] = None, gpu_memory_utilization: float = 0.9,
-               swap_space: float = 4.0, kv_cache_space: float = 4.0, load_format: str = "auto",
+               swap_space: float = 4.0, preemption_mode: str = "recompute",
+               kv_cache_space: float = 4.0, load_format: str = "auto",
                seed: int = 0, trust_remote_code: bool = False,
                skip_tokenizer_init: bool = False) -> EngineConfig:
         """The one place defaults are decided: device "auto" is CUDA when available, else the CPU;
@@ -241,7 +282,8 @@ class EngineConfig:
                               cpu_kv_cache_space_gib=kv_cache_space),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      enable_prefix_caching=enable_prefix_caching),
+                                      enable_prefix_caching=enable_prefix_caching,
+                                      preemption_mode=preemption_mode),
             device=resolved_device,
             tokenizer=None if skip_tokenizer_init else str(tokenizer or model),
             load_format=load_format,

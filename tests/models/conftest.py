@@ -17,7 +17,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     def get(variant: str, fmt: str = "safetensors") -> Path:
         if (variant, fmt) not in folders:
             folder = tmp_path_factory.mktemp(f"{variant}-{fmt}")
-            folders[variant, fmt] = save_checkpoint(make_hf_model(VARIANTS[variant]), folder, fmt)
+            overrides = VARIANTS[variant]
+            folders[variant, fmt] = save_checkpoint(make_hf_model(overrides), folder, fmt,
+                                                    overrides.get("config_json"))
         return folders[variant, fmt]
 
     return get

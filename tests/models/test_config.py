@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import MistralConfig, PretrainedConfig, Qwen2Config
 
 from pagedinfer.config import (CacheConfig, EngineConfig, Llama3RopeScaling, ModelConfig,
                                resolve_device, resolve_dtype)
@@ -61,6 +62,57 @@ def test_old_config_quirks() -> None:
     assert config.num_key_value_heads == 9  # no GQA
     assert config.rope_scaling == Llama3RopeScaling(2.0, 1.0, 2.0, 1024)
     assert config.dtype == torch.float32
+
+
+def test_qwen25_written_by_transformers4() -> None:
+    config = ModelConfig.from_hf_config(hf_config("qwen25_hf4_config.json"), device="cpu")
+    # Qwen2's biases are in its code, not its config: q/k/v have one, o_proj none.
+    assert config.qkv_bias and not config.o_proj_bias and not config.mlp_bias
+    # sliding_window is set, but use_sliding_window is false.
+    assert config.layer_sliding_windows == (-1,) * 24
+    assert (config.head_dim, config.num_key_value_heads, config.rope_theta) == (64, 2, 1000000.0)
+
+
+def test_llama_has_no_window_nor_qkv_bias() -> None:
+    config = ModelConfig.from_hf_config(hf_config("llama31_hf4_config.json"), device="cpu")
+    assert not (config.qkv_bias or config.o_proj_bias)
+    assert config.layer_sliding_windows == (-1,) * 32
+    # HF's Llama has no sliding window: a stray key in its config changes nothing.
+    stray = ModelConfig.from_hf_config({**hf_config("llama31_hf4_config.json"), "sliding_window": 8}, device="cpu")
+    assert stray.layer_sliding_windows == (-1,) * 32
+
+
+def test_layer_types_must_name_every_layer() -> None:
+    raw = {**hf_config("qwen25_hf4_config.json"), "use_sliding_window": True,
+           "layer_types": ["sliding_attention"] * 3}
+    with pytest.raises(ValueError, match="3 sliding windows for 24 layers"):
+        ModelConfig.from_hf_config(raw)
+
+
+def hf_layer_windows(config: PretrainedConfig) -> tuple[int, ...]:
+    """Each layer's window as transformers' modeling code picks it (Mistral's applies to every layer,
+    Qwen2's to the layers layer_types calls sliding)."""
+    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return tuple(config.sliding_window if kind == "sliding_attention" and config.sliding_window else -1
+                 for kind in layer_types)
+
+
+@pytest.mark.parametrize("config_class, change", [
+    (MistralConfig, dict(sliding_window=4096)),  # Mistral 7B v0.1
+    (MistralConfig, dict(sliding_window=None)),  # v0.2 on
+    (Qwen2Config, dict(use_sliding_window=False, sliding_window=4096, max_window_layers=2)),
+    (Qwen2Config, dict(use_sliding_window=True, sliding_window=4096, max_window_layers=2)),
+    (Qwen2Config, dict(use_sliding_window=True, sliding_window=4096, max_window_layers=0)),
+    (Qwen2Config, dict(sliding_window=4096, max_window_layers=2)),  # off by default
+    (Qwen2Config, dict(use_sliding_window=True, sliding_window=4096,
+                       layer_types=["sliding_attention", "full_attention"] * 2)),
+])
+def test_sliding_windows_as_transformers_decides(config_class: type[PretrainedConfig], change: dict) -> None:
+    hf = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=256, **change)
+    raw = {"architectures": [config_class.__name__.replace("Config", "ForCausalLM")], **hf}
+    assert (ModelConfig.from_hf_config(raw, device="cpu").layer_sliding_windows
+            == hf_layer_windows(config_class(**hf)))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,5 +1,6 @@
-"""Our Llama against HF transformers on the same tiny checkpoints, float32: whole-prompt prefill,
-chunked prefill and decoding over a paged cache, and greedy generation."""
+"""Our Llama-family models (Llama, Mistral, Qwen2) against HF transformers on the same tiny
+checkpoints, float32: whole-prompt prefill, chunked prefill and decoding over a paged cache, and greedy
+generation."""
 
 from __future__ import annotations
 

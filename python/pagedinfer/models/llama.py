@@ -1,4 +1,6 @@
-"""Llama (2, 3, 3.1, 3.2; SmolLM2 and other Llama-architecture models) over the paged KV cache.
+"""Llama (2, 3, 3.1, 3.2; SmolLM2 and other Llama-architecture models) over the paged KV cache, and
+the families with the same decoder that differ only in what ModelConfig describes: Mistral (a sliding
+window) and Qwen2 (biased q/k/v, a sliding window on some layers).
 
 Module and parameter names follow HF's, so that checkpoint names map onto them directly, except
 for the fused projections: q|k|v become `qkv_proj` and gate|up become `gate_up_proj` (one GEMM each).
@@ -28,18 +30,18 @@ _FUSED_SHARDS = (
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, sliding_window: int) -> None:
         super().__init__()
         head_dim = config.head_dim
         self.q_size = config.num_attention_heads * head_dim
         self.kv_size = config.num_key_value_heads * head_dim
         self.qkv_proj = MergedColumnLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                                           bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+                                           bias=config.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.rotary_emb = RotaryEmbedding(head_dim, head_dim, config.max_model_len, config.rope_theta,
                                           config.rope_scaling, is_neox=True)
         self.attn = Attention(config.num_attention_heads, head_dim, config.num_key_value_heads,
-                              scale=head_dim ** -0.5)
+                              scale=head_dim ** -0.5, sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -63,9 +65,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, config.layer_sliding_windows[layer_index])
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -89,7 +91,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

@@ -8,6 +8,9 @@ from pagedinfer.models.llama import LlamaForCausalLM
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    # Llama's decoder: their differences (q/k/v bias, sliding windows) are in ModelConfig.
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
 }
 
 
