@@ -222,3 +222,48 @@ def test_duplicate_content_leaves_the_second_block_uncached():
     assert manager.num_free_blocks == 8
     again = make_seq(list(range(5)))
     assert manager.allocate(again, 5) == 4 and again.block_table[0] == b_block
+
+
+def test_swap_out_and_in_move_every_block_between_the_pools():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE, num_cpu_blocks=4)
+    seq = run_prompt(manager, list(range(10)))
+    device_blocks = list(seq.block_table)
+    assert manager.can_swap_out(seq)
+    swapped_out = manager.swap_out(seq)
+    assert [device for device, _ in swapped_out] == device_blocks
+    assert len({cpu for _, cpu in swapped_out}) == 3
+    assert seq.block_table == [] and manager.num_free_blocks == 8 and manager.num_free_cpu_blocks == 1
+    assert manager.can_swap_in(seq, 1) and not manager.can_swap_in(seq, 100)
+    swapped_in = manager.swap_in(seq)
+    # Each block comes back to the device block the table now names, in order.
+    assert swapped_in == [(cpu, device) for (_, cpu), device in zip(swapped_out, seq.block_table)]
+    assert manager.num_free_blocks == 5 and manager.num_free_cpu_blocks == 4
+    manager.free(seq)
+    assert manager.num_free_blocks == 8
+
+
+def test_swap_out_refuses_shared_blocks_and_a_full_cpu_pool():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE, num_cpu_blocks=2)
+    shared = run_prompt(manager, list(range(6)))
+    hit = run_prompt(manager, list(range(6)))  # a prefix-cache hit shares the first block
+    assert hit.block_table[0] == shared.block_table[0]
+    assert not manager.can_swap_out(shared) and not manager.can_swap_out(hit)
+    with pytest.raises(RuntimeError, match="swapped out"):
+        manager.swap_out(shared)
+    manager.free(hit)
+    assert manager.can_swap_out(shared)
+    longer = run_prompt(manager, list(range(100, 112)))
+    assert not manager.can_swap_out(longer)  # 3 blocks, 2 CPU blocks
+
+
+def test_a_swapped_out_block_stays_cached_and_freeing_returns_the_cpu_blocks():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE, num_cpu_blocks=4)
+    seq = run_prompt(manager, list(range(10)))
+    first_block = seq.block_table[0]
+    manager.swap_out(seq)
+    # Released like free() does: intact until evicted, so a new prompt may hit it.
+    assert manager.cached_prefix_length(make_seq(list(range(9)))) == 8
+    assert manager.allocate(make_seq(list(range(5))), 5) == 4
+    assert manager.ref_count(first_block) == 1
+    manager.free(seq)  # aborted while swapped out
+    assert manager.num_free_cpu_blocks == 4

@@ -17,6 +17,7 @@ import torch
 
 import pagedinfer
 from pagedinfer import LLM, RequestOutput, SamplingParams
+from pagedinfer.worker.cache_engine import kv_block_bytes
 from tests.engine.utils import EOS, hf_greedy, hf_logits
 from tests.models.utils import load_hf
 
@@ -124,6 +125,24 @@ def test_preemption_matches_hf_and_frees_every_block(tiny_model: Path, hf, devic
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
 
 
+def test_swap_preemption_matches_hf_and_recompute(tiny_model: Path, hf, device: str) -> None:
+    """The same 16-block cache preempting by swap, to a CPU pool of 16 blocks: preempted sequences
+    come back by swap-in, and their tokens are HF's and those of recompute."""
+    prompts = random_prompts([12, 12, 12, 12], hf.config.vocab_size)
+    recompute = make_llm(tiny_model, device, num_gpu_blocks_override=16, max_model_len=64)
+    recomputed = [o.outputs[0].token_ids for o in generate_ids(recompute, prompts, greedy(20))]
+    swap_space = 16 * kv_block_bytes(recompute.llm_engine.config.model, BLOCK_SIZE) / 2**30
+    llm = make_llm(tiny_model, device, num_gpu_blocks_override=16, max_model_len=64,
+                   preemption_mode="swap", swap_space=swap_space)
+    swapped = [o.outputs[0].token_ids for o in generate_ids(llm, prompts, greedy(20))]
+    scheduler = llm.llm_engine.scheduler
+    assert llm.llm_engine.model_runner.cache.num_cpu_blocks == 16
+    assert scheduler.num_swap_outs > 0 and scheduler.num_swap_ins == scheduler.num_swap_outs
+    assert scheduler.block_manager.num_free_blocks == 16
+    assert scheduler.block_manager.num_free_cpu_blocks == 16
+    assert swapped == recomputed == [hf_greedy(hf, prompt, 20) for prompt in prompts]
+
+
 @pytest.mark.parametrize("max_tokens", [None, 100])
 def test_cache_of_exactly_one_max_model_len_sequence(tiny_model: Path, hf, device: str,
                                                      max_tokens: Optional[int]) -> None:
@@ -153,6 +172,8 @@ def test_unsupported_options_are_refused(tiny_model: Path) -> None:
         LLM(model=str(tiny_model), quantization="gptq", device="cpu")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(model=str(tiny_model), tensor_parallel_size=2, device="cpu")
+    with pytest.raises(ValueError, match="preemption_mode"):
+        LLM(model=str(tiny_model), preemption_mode="swapping", device="cpu")
     with pytest.raises(ValueError, match="model='meta-llama/Llama-3.1-8B-Instruct' is neither"):
         LLM(model="meta-llama/Llama-3.1-8B-Instruct", device="cpu")
 

@@ -1,7 +1,7 @@
-"""Scheduler: one token budget per step, chunked prefill, preemption by recompute, fan-out, stops.
+"""Scheduler: one token budget per step, chunked prefill, preemption by recompute or swap, fan-out, stops.
 
-`FakeModel` stands in for the model runner: it stores token ids as the "KV" of a paged cache (copying
-blocks as told), reads every sequence's context back through its block table, checks it is that
+`FakeModel` stands in for the model runner: it stores token ids as the "KV" of a paged cache (swapping
+and copying blocks as told), reads every sequence's context back through its block table, checks it is that
 sequence's tokens, and samples a token that depends on the context read. A wrong block table, a missed
 copy or a bad prefix-cache hit therefore fails a check or changes the outputs.
 """
@@ -28,11 +28,17 @@ class FakeModel:
         self.block_size = scheduler.block_manager.block_size
         self.cache: list[list[int | None]] = [[None] * self.block_size
                                               for _ in range(scheduler.block_manager.num_blocks)]
+        self.cpu_cache: list[list[int | None]] = [[None] * self.block_size
+                                                  for _ in range(scheduler.block_manager.num_cpu_blocks)]
 
     def slot(self, seq: Sequence, position: int) -> tuple[list[int | None], int]:
         return self.cache[seq.block_table[position // self.block_size]], position % self.block_size
 
     def run(self, output: SchedulerOutput) -> list[list[int]]:
+        for src, dst in output.blocks_to_swap_out:
+            self.cpu_cache[dst] = list(self.cache[src])
+        for src, dst in output.blocks_to_swap_in:
+            self.cache[dst] = list(self.cpu_cache[src])
         for src, dst in output.blocks_to_copy:
             self.cache[dst] = list(self.cache[src])
         for entry in output.scheduled:  # the step's KV is written before attention reads any
@@ -65,10 +71,14 @@ def check_invariants(scheduler: Scheduler, output: SchedulerOutput) -> None:
     assert output.num_batched_tokens == sum(e.num_new_tokens for e in output.scheduled)
     assert output.num_batched_tokens <= scheduler.max_num_batched_tokens
     assert len(scheduler.running) <= scheduler.max_num_seqs
-    assert not output.blocks_to_swap_in and not output.blocks_to_swap_out
     manager = scheduler.block_manager
+    if scheduler.preemption_mode == "recompute":
+        assert not output.blocks_to_swap_in and not output.blocks_to_swap_out
+    assert all(not seq.block_table for seq in scheduler.swapped)
+    if not scheduler.swapped:
+        assert manager.num_free_cpu_blocks == manager.num_cpu_blocks
     live = [seq for group in scheduler.requests.values() for seq in group.seqs if not seq.is_finished]
-    queued = [*scheduler.running, *scheduler.waiting]
+    queued = [*scheduler.running, *scheduler.waiting, *scheduler.swapped]
     assert sorted(s.seq_id for s in live) == sorted(s.seq_id for s in queued)
     references = [0] * manager.num_blocks
     for seq in live:
@@ -172,6 +182,53 @@ def test_a_step_that_preempts_admits_nothing():
     run_until_done(scheduler, model)
 
 
+def test_swap_preemption_keeps_the_progress_and_resumes_first():
+    scheduler = make_scheduler(num_blocks=3, max_num_batched_tokens=16, max_model_len=12,
+                               preemption_mode="swap", num_cpu_blocks=2)
+    model = FakeModel(scheduler)
+    older = add(scheduler, "older", [1, 2, 3, 4], max_tokens=6).seqs[0]
+    newer = add(scheduler, "newer", [5, 6, 7, 8, 9, 10], max_tokens=3).seqs[0]
+    step(scheduler, model)  # both prompts: 1 + 2 blocks, the pool is full
+    newer_blocks = list(newer.block_table)
+    later = add(scheduler, "later", [11, 12]).seqs[0]
+    output, _ = step(scheduler, model)  # older needs a block for position 4: newer is swapped out
+    assert output.preempted == [newer] and [e.seq for e in output.scheduled] == [older]
+    assert [device for device, _ in output.blocks_to_swap_out] == newer_blocks
+    assert newer.status is SequenceStatus.SWAPPED and scheduler.swapped == [newer]
+    assert newer.num_computed_tokens == 6 and newer.block_table == []
+    assert scheduler.block_manager.num_free_cpu_blocks == 0
+    assert scheduler.num_swap_outs == scheduler.num_preemptions == 1
+    while newer.status is SequenceStatus.SWAPPED:
+        assert later.status is SequenceStatus.WAITING, "admitted before the swapped request"
+        output, _ = step(scheduler, model)
+    # Resumed by a swap-in and a decode: nothing is recomputed (FakeModel checks the KV it reads).
+    assert len(output.blocks_to_swap_in) == 2 and scheduler.num_swap_ins == 1
+    assert [e.num_new_tokens for e in output.scheduled if e.seq is newer] == [1]
+    run_until_done(scheduler, model)
+    assert older.num_output_tokens == 6 and newer.num_output_tokens == 3
+    assert newer.num_prefill_chunks == 1
+    assert scheduler.block_manager.num_free_blocks == 3
+    assert scheduler.block_manager.num_free_cpu_blocks == 2
+
+
+@pytest.mark.parametrize("reason, num_cpu_blocks, n", [("the CPU pool is too small", 1, 1),
+                                                      ("its blocks are shared with a sibling", 8, 2)])
+def test_swap_falls_back_to_recompute(reason, num_cpu_blocks, n):
+    scheduler = make_scheduler(num_blocks=3, max_num_batched_tokens=16, max_model_len=12,
+                               preemption_mode="swap", num_cpu_blocks=num_cpu_blocks)
+    model = FakeModel(scheduler)
+    add(scheduler, "older", [1, 2, 3, 4], max_tokens=6)
+    newer = add(scheduler, "newer", [5, 6, 7, 8, 9, 10], n=n, max_tokens=3)
+    step(scheduler, model)
+    output, _ = step(scheduler, model)
+    victim = output.preempted[0]  # the newest: the last sibling
+    assert victim is newer.seqs[-1] and victim.status is SequenceStatus.PREEMPTED, reason
+    assert victim.num_computed_tokens == 0 and victim in scheduler.waiting
+    run_until_done(scheduler, model)
+    assert scheduler.block_manager.num_free_blocks == 3
+    assert scheduler.block_manager.num_free_cpu_blocks == num_cpu_blocks
+
+
 def make_workload(rng: random.Random, num_requests: int) -> list[tuple[str, list[int], dict]]:
     prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randrange(4, 13))] for _ in range(3)]
     workload = []
@@ -208,6 +265,11 @@ def test_outputs_do_not_change_with_chunking_preemption_and_prefix_caching(seed)
     assert tight.num_preemptions > 0
     assert tight.block_manager.stats.hit_blocks > 0
     assert any(reason == "length" for _, reason, _ in outputs.values())
+    swapping, outputs = run(num_blocks=12, max_num_batched_tokens=8, max_num_seqs=4, max_model_len=48,
+                            preemption_mode="swap", num_cpu_blocks=6)
+    assert outputs == roomy
+    assert swapping.num_swap_outs > 0 and swapping.num_swap_ins == swapping.num_swap_outs
+    assert swapping.block_manager.num_free_cpu_blocks == 6
 
 
 def test_shared_prefix_is_cached_and_reported():
@@ -375,7 +437,7 @@ def test_abort_frees_running_and_waiting_requests():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(preemption_mode="swap"), "preemption_mode"),
+    (dict(preemption_mode="swapping"), "preemption_mode"),
     (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(max_num_batched_tokens=4, max_num_seqs=8), "max_num_batched_tokens"),
 ])
@@ -403,12 +465,14 @@ def test_update_checks_the_sampled_tokens():
         scheduler.update(output, [[1, 2]])
 
 
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
 @pytest.mark.parametrize("seed", range(4))
-def test_randomized_stress_never_loses_a_request(seed):
+def test_randomized_stress_never_loses_a_request(seed, preemption_mode):
     rng = random.Random(seed)
     scheduler = make_scheduler(num_blocks=10, block_size=4, max_num_batched_tokens=rng.choice([6, 12, 40]),
                                max_num_seqs=rng.choice([3, 6]), max_model_len=40,
-                               enable_prefix_caching=seed % 2 == 0)
+                               enable_prefix_caching=seed % 2 == 0, preemption_mode=preemption_mode,
+                               num_cpu_blocks=rng.choice([3, 8]) if preemption_mode == "swap" else 0)
     model = FakeModel(scheduler)
     pending = make_workload(rng, num_requests=40)
     groups: list[SequenceGroup] = []
@@ -436,4 +500,6 @@ def test_randomized_stress_never_loses_a_request(seed):
         if group.request_id not in aborted:
             assert len(group.seqs) == group.sampling_params.n
     assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
-    assert not scheduler.running and not scheduler.waiting
+    assert scheduler.block_manager.num_free_cpu_blocks == scheduler.block_manager.num_cpu_blocks
+    assert not scheduler.running and not scheduler.waiting and not scheduler.swapped
+    assert (scheduler.num_swap_outs > 0) == (preemption_mode == "swap")

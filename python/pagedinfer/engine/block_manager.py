@@ -4,6 +4,13 @@ A sequence's block table covers its computed tokens (between steps: exactly ceil
 block_size) blocks). A full block is registered under a chain hash of its tokens, so a later prompt
 with the same leading tokens reuses it instead of recomputing it. A block whose last reference goes
 stays cached, and is evicted (least recently freed first) only when a fresh block is needed.
+
+Swap preemption moves a sequence's blocks to a second, smaller pool of `num_cpu_blocks` ids (the CPU
+swap space) and back. Only a sequence holding every block alone is swapped (`can_swap_out`): a block
+shared by fork or by a prefix-cache hit would otherwise need one copy for several owners, so such a
+sequence is preempted by recompute instead. Its device blocks are released as `free` releases them: a
+registered full block stays cached (its content is intact until evicted); blocks swapped back in are
+fresh and unregistered.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ class PrefixCacheStats:
 class BlockManager:
     """Owns the ids of `num_blocks` blocks of `block_size` token slots each."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_cpu_blocks: int = 0) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         if block_size < 1:
@@ -56,11 +64,20 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         # Free blocks still cached, least recently freed first: evicted in this order.
         self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.num_cpu_blocks = num_cpu_blocks
+        # A swapped block has one owner (see can_swap_out): a free list is all the CPU pool needs.
+        self._free_cpu: deque[int] = deque(range(num_cpu_blocks))
+        # Swapped-out sequences' blocks in the CPU pool, by seq_id, in block-table order.
+        self._cpu_block_tables: dict[int, list[int]] = {}
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks without a reference, cached ones included (they are reusable or evictable)."""
         return len(self._free) + len(self._evictable)
+
+    @property
+    def num_free_cpu_blocks(self) -> int:
+        return len(self._free_cpu)
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -121,7 +138,39 @@ class BlockManager:
         self._grow(seq, seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens)
         return copies
 
+    def can_swap_out(self, seq: Sequence) -> bool:
+        """Whether `seq` holds all its blocks alone and the CPU pool has room for them."""
+        return (all(self._ref_counts[block] == 1 for block in seq.block_table)
+                and len(seq.block_table) <= len(self._free_cpu))
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Move `seq`'s blocks to the CPU pool. Returns the (device, cpu) block copies to run (swap_blocks)
+        before the step's forward, which may reuse the released device blocks."""
+        if not self.can_swap_out(seq):
+            raise RuntimeError(f"sequence {seq.seq_id} cannot be swapped out")
+        cpu_blocks = [self._free_cpu.popleft() for _ in seq.block_table]
+        mapping = list(zip(seq.block_table, cpu_blocks))
+        self.free(seq)
+        self._cpu_block_tables[seq.seq_id] = cpu_blocks
+        return mapping
+
+    def can_swap_in(self, seq: Sequence, num_new_tokens: int = 0) -> bool:
+        """Whether the device pool has room for `seq`'s swapped blocks and `num_new_tokens` more tokens."""
+        return self._num_blocks_for(seq.num_computed_tokens + num_new_tokens) <= self.num_free_blocks
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Bring `seq`'s blocks back into fresh device blocks. Returns the (cpu, device) block copies to
+        run (swap_blocks) before the step's forward."""
+        if not self.can_swap_in(seq):
+            raise RuntimeError(f"not enough free blocks to swap in sequence {seq.seq_id}")
+        cpu_blocks = self._cpu_block_tables.pop(seq.seq_id)
+        seq.block_table = [self._take_fresh() for _ in cpu_blocks]
+        self._free_cpu.extend(cpu_blocks)
+        return list(zip(cpu_blocks, seq.block_table))
+
     def free(self, seq: Sequence) -> None:
+        # A swapped-out sequence (aborted or stopped) gives its CPU blocks back.
+        self._free_cpu.extend(self._cpu_block_tables.pop(seq.seq_id, []))
         # The tail first: it becomes the least recently freed, so the prefix, the part other prompts
         # are likeliest to share, is evicted last.
         for block in reversed(seq.block_table):

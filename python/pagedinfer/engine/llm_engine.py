@@ -56,7 +56,9 @@ class LLMEngine:
             num_blocks=self.model_runner.cache.num_blocks, block_size=config.cache.block_size,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_num_seqs=config.scheduler.max_num_seqs, max_model_len=config.model.max_model_len,
-            enable_prefix_caching=config.scheduler.enable_prefix_caching)
+            enable_prefix_caching=config.scheduler.enable_prefix_caching,
+            preemption_mode=config.scheduler.preemption_mode,
+            num_cpu_blocks=self.model_runner.cache.num_cpu_blocks)
         # Seeds of the requests that bring none: reproducible from the engine's seed.
         self._seeds = random.Random(config.seed)
         self._requests: dict[str, _Request] = {}

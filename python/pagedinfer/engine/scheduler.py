@@ -5,6 +5,9 @@ Every sequence is handled the same way: it has tokens (prompt + outputs) of whic
 have their KV in the cache, and a step computes the rest or a chunk of it; when a step reaches its last
 token, a token is sampled. A prompt is thus a long first step, cut into chunks when it exceeds the
 budget, and a preempted sequence recomputes its prompt and outputs the same way.
+
+With preemption_mode="swap", a preempted sequence's blocks go to the CPU swap space instead (when it
+holds them alone and they fit: else it is recomputed), and come back before the step that resumes it.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ class SchedulerOutput:
     num_batched_tokens: int
     # (src, dst) block pairs for copy_blocks, to run before the forward.
     blocks_to_copy: list[tuple[int, int]]
-    # Sequences preempted this step (blocks freed; they wait to be recomputed).
+    # Sequences preempted this step (blocks freed or swapped out; they wait to be resumed).
     preempted: list[Sequence]
-    # Swap preemption (GPU id, CPU id) comes with the GPU issue; recompute leaves these empty.
+    # (device, cpu) and (cpu, device) block pairs for swap_blocks, run in this order before the copies.
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
@@ -62,10 +65,9 @@ def verify_kv_cache_fits(max_model_len: int, num_blocks: int, block_size: int) -
 class Scheduler:
     def __init__(self, *, num_blocks: int, block_size: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, enable_prefix_caching: bool = True,
-                 preemption_mode: str = "recompute") -> None:
-        if preemption_mode != "recompute":
-            raise ValueError(f"preemption_mode must be 'recompute' (swap is not supported yet), "
-                             f"got {preemption_mode!r}")
+                 preemption_mode: str = "recompute", num_cpu_blocks: int = 0) -> None:
+        if preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
         # Every running sequence's decode token must fit in one step's budget.
@@ -77,13 +79,18 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching, num_cpu_blocks)
         # FCFS; preempted sequences go back to the front.
         self.waiting: deque[Sequence] = deque()
         # In the order they were admitted.
         self.running: list[Sequence] = []
+        # Swapped out, by arrival: resumed before any waiting sequence is admitted.
+        self.swapped: list[Sequence] = []
         self.requests: dict[str, SequenceGroup] = {}
+        # Preemptions of either kind; of those, sequences swapped out, and sequences swapped back in.
         self.num_preemptions = 0
+        self.num_swap_outs = 0
+        self.num_swap_ins = 0
 
     def add_request(self, group: SequenceGroup) -> None:
         num_prompt_tokens = len(group.prompt_token_ids)
@@ -118,6 +125,8 @@ class Scheduler:
             raise ValueError(f"{status} is not a finished status")
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
         elif not seq.is_finished:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
@@ -136,6 +145,8 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
         blocks_to_copy: list[tuple[int, int]] = []
+        blocks_to_swap_out: list[tuple[int, int]] = []
+        blocks_to_swap_in: list[tuple[int, int]] = []
 
         # Running sequences first: decodes (one token each), then the next chunks of unfinished prompts.
         decodes = [seq for seq in self.running if seq.num_uncomputed_tokens == 1]
@@ -146,19 +157,23 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an older sequence
                 continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self._make_room(seq, num_new_tokens, scheduled, preempted):
+            if not self._make_room(seq, num_new_tokens, scheduled, preempted, blocks_to_swap_out):
                 continue
             blocks_to_copy += self.block_manager.append_slots(seq, num_new_tokens)
             scheduled.append(self._schedule(seq, num_new_tokens))
             budget -= num_new_tokens
 
-        # New (and preempted) requests only when no preemption was needed: memory is short otherwise.
+        # Swapped, then new (and preempted) requests only when no preemption was needed: memory is short
+        # otherwise. Waiting ones only once every swapped one is back, so none of those starves.
         if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
+            budget = self._resume_swapped(budget, scheduled, blocks_to_copy, blocks_to_swap_in)
+            if not self.swapped:
+                budget = self._admit_waiting(budget, scheduled)
 
         return SchedulerOutput(scheduled=scheduled,
                                num_batched_tokens=self.max_num_batched_tokens - budget,
-                               blocks_to_copy=blocks_to_copy, preempted=preempted)
+                               blocks_to_copy=blocks_to_copy, preempted=preempted,
+                               blocks_to_swap_out=blocks_to_swap_out, blocks_to_swap_in=blocks_to_swap_in)
 
     def update(self, output: SchedulerOutput, sampled_token_ids: list[list[int]]) -> list[Sequence]:
         """Record a step: `sampled_token_ids[i]` holds the `output.scheduled[i].num_samples` tokens
@@ -184,13 +199,16 @@ class Scheduler:
         return received
 
     def _make_room(self, seq: Sequence, num_new_tokens: int, scheduled: list[ScheduledSequence],
-                   preempted: list[Sequence]) -> bool:
+                   preempted: list[Sequence], blocks_to_swap_out: list[tuple[int, int]]) -> bool:
         """Preempt the newest running sequences not scheduled this step until `seq`'s new tokens fit.
         False when `seq` itself was the newest and had to go."""
         while not self.block_manager.can_append_slots(seq, num_new_tokens):
             busy = {entry.seq for entry in scheduled}
             victim = max((s for s in self.running if s not in busy), key=lambda s: s.arrival_key)
-            self._preempt(victim)
+            if self.preemption_mode == "swap" and self.block_manager.can_swap_out(victim):
+                blocks_to_swap_out += self._swap_out(victim)
+            else:
+                self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
                 return False
@@ -205,6 +223,39 @@ class Scheduler:
         seq.status = SequenceStatus.PREEMPTED
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Preempt by swapping: the blocks go to the CPU pool, the progress is kept."""
+        self.running.remove(seq)
+        mapping = self.block_manager.swap_out(seq)
+        seq.status = SequenceStatus.SWAPPED
+        self.swapped.append(seq)
+        self.swapped.sort(key=lambda s: s.arrival_key)
+        self.num_preemptions += 1
+        self.num_swap_outs += 1
+        return mapping
+
+    def _resume_swapped(self, budget: int, scheduled: list[ScheduledSequence],
+                        blocks_to_copy: list[tuple[int, int]],
+                        blocks_to_swap_in: list[tuple[int, int]]) -> int:
+        """Swap sequences back in, oldest first, and schedule their next tokens."""
+        num_seq_slots = sum(self._seq_slots(seq) for seq in self.running)
+        while self.swapped and budget > 0:
+            seq = self.swapped[0]
+            num_new_tokens = min(seq.num_uncomputed_tokens, budget)
+            if (num_seq_slots + self._seq_slots(seq) > self.max_num_seqs
+                    or not self.block_manager.can_swap_in(seq, num_new_tokens)):
+                break  # FCFS: later ones wait behind this one
+            blocks_to_swap_in += self.block_manager.swap_in(seq)
+            blocks_to_copy += self.block_manager.append_slots(seq, num_new_tokens)
+            self.swapped.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self.num_swap_ins += 1
+            num_seq_slots += self._seq_slots(seq)
+            scheduled.append(self._schedule(seq, num_new_tokens))
+            budget -= num_new_tokens
+        return budget
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         num_seq_slots = sum(self._seq_slots(seq) for seq in self.running)

@@ -18,6 +18,7 @@ class SequenceStatus(enum.Enum):
     WAITING = enum.auto()            # not scheduled yet
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()          # its blocks were taken back: waits to recompute prompt and outputs
+    SWAPPED = enum.auto()            # its blocks wait in the CPU swap space to be swapped back in
     FINISHED_STOPPED = enum.auto()   # EOS, a stop token or a stop string
     FINISHED_LENGTH = enum.auto()    # max_tokens or max_model_len
     FINISHED_ABORTED = enum.auto()

@@ -24,10 +24,12 @@ class LLM:
     device: "auto" is CUDA when available, else the CPU. max_model_len: the model's context length
     unless set. max_num_batched_tokens: the tokens a step computes (longer prompts are split into
     chunks); default 8192 on CUDA, 4096 on the CPU. The KV cache takes gpu_memory_utilization of the
-    card (kv_cache_space GiB on the CPU), or num_gpu_blocks_override blocks.
+    card (kv_cache_space GiB on the CPU), or num_gpu_blocks_override blocks. preemption_mode: when the
+    KV cache is full, "recompute" (the default) drops a preempted request's KV to compute it again;
+    "swap" moves it to a CPU swap space of swap_space GiB and back.
 
     Accepted for vLLM compatibility with no effect yet: enforce_eager (every step runs eagerly: CUDA
-    graphs are to come) and swap_space (preemption recomputes rather than swapping).
+    graphs are to come).
     """
 
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, dtype: str = "auto",
@@ -37,7 +39,8 @@ class LLM:
                  enable_prefix_caching: bool = True, num_gpu_blocks_override: Optional[int] = None,
                  quantization: Optional[str] = None, load_format: str = "auto",
                  tensor_parallel_size: int = 1, trust_remote_code: bool = False, device: str = "auto",
-                 kv_cache_space: float = 4, skip_tokenizer_init: bool = False) -> None:
+                 kv_cache_space: float = 4, skip_tokenizer_init: bool = False,
+                 preemption_mode: str = "recompute") -> None:
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} is not supported yet")
         if tensor_parallel_size != 1:
@@ -52,8 +55,8 @@ class LLM:
             block_size=block_size, enable_prefix_caching=enable_prefix_caching,
             num_gpu_blocks_override=num_gpu_blocks_override,
             gpu_memory_utilization=gpu_memory_utilization, swap_space=swap_space,
-            kv_cache_space=kv_cache_space, load_format=load_format, seed=seed,
-            trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init)
+            preemption_mode=preemption_mode, kv_cache_space=kv_cache_space, load_format=load_format,
+            seed=seed, trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init)
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()
 

@@ -49,11 +49,22 @@ def num_kv_blocks(model: ModelConfig, cache: CacheConfig, scheduler: SchedulerCo
     return int(budget) // block_bytes
 
 
-class CacheEngine:
-    """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer, in the model dtype."""
+def num_swap_blocks(model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig) -> int:
+    """The CPU swap pool's size: `cache.swap_space_gib` of blocks, none unless preemption swaps."""
+    if scheduler.preemption_mode != "swap":
+        return 0
+    return int(cache.swap_space_gib * _GIB) // kv_block_bytes(model, cache.block_size)
 
-    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, device: torch.device) -> None:
+
+class CacheEngine:
+    """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer, in the model dtype, and
+    a CPU swap pool of the same layout with `num_cpu_blocks` blocks (pinned when the cache is on CUDA,
+    as swap_blocks needs)."""
+
+    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, device: torch.device,
+                 num_cpu_blocks: int = 0) -> None:
         self.num_blocks = num_blocks
+        self.num_cpu_blocks = num_cpu_blocks
         self.block_size = block_size
         self.device = device
         # Never read before written (attention stops at each sequence's length): no need to zero it.
@@ -61,6 +72,22 @@ class CacheEngine:
             torch.empty(2, num_blocks, block_size, model.num_key_value_heads, model.head_dim,
                         dtype=model.dtype, device=device)
             for _ in range(model.num_hidden_layers)]
+        self.cpu_caches = [
+            torch.empty(2, num_cpu_blocks, block_size, model.num_key_value_heads, model.head_dim,
+                        dtype=model.dtype, pin_memory=device.type == "cuda")
+            for _ in range(model.num_hidden_layers)] if num_cpu_blocks else []
+
+    def swap_out(self, blocks_to_swap_out: list[tuple[int, int]]) -> None:
+        """CPU block dst = device block src in every layer."""
+        if blocks_to_swap_out:
+            _ops.swap_blocks(self.kv_caches, self.cpu_caches,
+                             torch.tensor(blocks_to_swap_out, dtype=torch.int64))
+
+    def swap_in(self, blocks_to_swap_in: list[tuple[int, int]]) -> None:
+        """Device block dst = CPU block src in every layer."""
+        if blocks_to_swap_in:
+            _ops.swap_blocks(self.cpu_caches, self.kv_caches,
+                             torch.tensor(blocks_to_swap_in, dtype=torch.int64))
 
     def copy(self, blocks_to_copy: list[tuple[int, int]]) -> None:
         """Copy-on-write of forked sequences: block dst = block src in every layer, in one launch."""

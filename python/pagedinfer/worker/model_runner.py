@@ -1,9 +1,9 @@
 """The model runner: a scheduled step in, sampled tokens and logprobs out (as host lists).
 
-It owns the model, the KV cache and the sampler. A step is: copy the blocks of forked sequences, build
-the flat batch of new tokens with their positions and attention metadata, run the model, and compute
-logits only where they are needed (the last token of each entry that samples, and prompt tokens whose
-logprobs were asked for).
+It owns the model, the KV cache and the sampler. A step is: swap blocks out to the CPU swap pool and
+back in, copy the blocks of forked sequences, build the flat batch of new tokens with their positions
+and attention metadata, run the model, and compute logits only where they are needed (the last token
+of each entry that samples, and prompt tokens whose logprobs were asked for).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pagedinfer.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedinfer.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from pagedinfer.models.loader import load_model
 from pagedinfer.sampling_params import SamplingParams
-from pagedinfer.worker.cache_engine import CacheEngine, num_kv_blocks
+from pagedinfer.worker.cache_engine import CacheEngine, num_kv_blocks, num_swap_blocks
 
 
 @dataclass
@@ -78,7 +78,8 @@ class ModelRunner:
         self.model = load_model(model_config, config.device, config.load_format, config.seed)
         # Sized after loading: on CUDA the cache takes what the weights left.
         num_blocks = num_kv_blocks(model_config, cache_config, config.scheduler, config.device)
-        self.cache = CacheEngine(model_config, num_blocks, cache_config.block_size, config.device)
+        self.cache = CacheEngine(model_config, num_blocks, cache_config.block_size, config.device,
+                                 num_swap_blocks(model_config, cache_config, config.scheduler))
         self.sampler = Sampler()
         max_blocks_per_seq = -(-model_config.max_model_len // cache_config.block_size)
         self.workspace = _ops.paged_attention_workspace(
@@ -88,6 +89,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
+        # Swap-outs first: the step may hand their device blocks to swap-ins or new tokens.
+        self.cache.swap_out(step.blocks_to_swap_out)
+        self.cache.swap_in(step.blocks_to_swap_in)
         # Before the forward: a forked sequence writes into its own copy of a shared partial block.
         self.cache.copy(step.blocks_to_copy)
         inputs = self._prepare_inputs(step)

@@ -67,7 +67,9 @@ def make_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.Ar
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="the fraction of the GPU's memory the model and KV cache may take")
     parser.add_argument("--swap-space", type=float, default=4,
-                        help="CPU swap space in GiB (accepted; preemption recomputes for now)")
+                        help="CPU swap space in GiB, used with --preemption-mode swap")
+    parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+                        help="when the KV cache is full: recompute a preempted request, or swap it to CPU")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="the most sequences running at once")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="the most tokens a step computes (default: 8192 on CUDA, 4096 on the CPU)")
@@ -104,7 +106,8 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
     and the default model; the server drives its engine."""
     llm = LLM(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-              swap_space=args.swap_space, enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
+              swap_space=args.swap_space, preemption_mode=args.preemption_mode,
+              enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
               enable_prefix_caching=args.enable_prefix_caching,
               num_gpu_blocks_override=args.num_gpu_blocks_override, quantization=args.quantization,

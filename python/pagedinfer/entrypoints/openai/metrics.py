@@ -34,12 +34,11 @@ class Metrics:
 
         self.num_requests_running = gauge("num_requests_running", "Requests with sequences running.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
-        self.num_requests_swapped = gauge("num_requests_swapped",
-                                          "Requests swapped to CPU (always 0: preemption recomputes).")
+        self.num_requests_swapped = gauge("num_requests_swapped", "Requests with sequences swapped to CPU.")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).")
         self.num_free_blocks = gauge("num_free_blocks", "KV cache blocks without a reference.")
         self.num_total_blocks = gauge("num_total_blocks", "KV cache blocks in the pool.")
-        self.num_preemptions = counter("num_preemptions", "Sequences preempted (recomputed later).")
+        self.num_preemptions = counter("num_preemptions", "Sequences preempted (recomputed or swapped).")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
@@ -57,7 +56,7 @@ class Metrics:
         waiting = {seq.request_id for seq in scheduler.waiting} - running  # preempted ones included
         self.num_requests_running.set(len(running))
         self.num_requests_waiting.set(len(waiting))
-        self.num_requests_swapped.set(0)
+        self.num_requests_swapped.set(len({seq.request_id for seq in scheduler.swapped} - running))
         blocks = scheduler.block_manager
         self.num_total_blocks.set(blocks.num_blocks)
         self.num_free_blocks.set(blocks.num_free_blocks)
