@@ -50,6 +50,10 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
+        # An empty step is skipped, so it must move no blocks: a preemption or fork always comes with a
+        # sequence scheduled in the same step (one sequence alone always fits the cache).
+        assert self.scheduled or not (self.blocks_to_swap_out or self.blocks_to_swap_in
+                                      or self.blocks_to_copy), "a step that moves blocks schedules nothing"
         return not self.scheduled
 
 
