@@ -179,15 +179,17 @@ def _rope(hf: dict[str, Any]) -> tuple[float, Optional[Llama3RopeScaling]]:
     )
 
 
+def read_generation_config(model: str | Path) -> dict[str, Any]:
+    """The contents of a model folder's generation_config.json; empty where there is none (a .gguf)."""
+    path = Path(model) / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _eos_token_ids(folder: Path, hf_config: dict[str, Any]) -> tuple[int, ...]:
     """generation_config.json has the chat models' full stop list (Llama 3 has several); config.json
     often only the base model's."""
-    generation_config = folder / "generation_config.json"
-    if generation_config.exists():
-        ids = _as_ids(json.loads(generation_config.read_text()).get("eos_token_id"))
-        if ids:
-            return ids
-    return _as_ids(hf_config.get("eos_token_id"))
+    return (_as_ids(read_generation_config(folder).get("eos_token_id"))
+            or _as_ids(hf_config.get("eos_token_id")))
 
 
 def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:

@@ -7,16 +7,14 @@ stop strings → outputs. The offline `LLM` and the server drive this same step.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Union
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedinfer.config import EngineConfig
+from pagedinfer.config import EngineConfig, read_generation_config
 from pagedinfer.detokenizer import IncrementalDetokenizer
 from pagedinfer.engine.scheduler import Scheduler
 from pagedinfer.engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -49,7 +47,8 @@ class LLMEngine:
         self.config = config
         self.tokenizer: Optional[PreTrainedTokenizerBase] = (
             None if config.tokenizer is None else load_tokenizer(config.tokenizer, config.trust_remote_code))
-        self.generation_defaults = _generation_defaults(config.model.model)
+        self.generation_defaults = GenerationDefaults.from_generation_config(
+            read_generation_config(config.model.model))
         self.eos_token_ids = _eos_token_ids(config.model.eos_token_ids, self.tokenizer)
         self.model_runner = ModelRunner(config)
         self.scheduler = Scheduler(
@@ -189,14 +188,6 @@ class LLMEngine:
             request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
             prompt_logprobs=None if request.prompt_logprobs is None else list(request.prompt_logprobs),
             outputs=outputs, finished=group.is_finished, num_cached_tokens=group.num_cached_tokens)
-
-
-def _generation_defaults(model: str) -> GenerationDefaults:
-    """The sampling defaults of an HF folder's generation_config.json (a .gguf file has none)."""
-    path = Path(model) / "generation_config.json"
-    if not path.is_file():
-        return GenerationDefaults()
-    return GenerationDefaults.from_generation_config(json.loads(path.read_text()))
 
 
 def _eos_token_ids(model_eos_ids: tuple[int, ...],
