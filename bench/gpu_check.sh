@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU machine's checklist, in stages that each fit well inside the device's 10-minute command limit:
-#   bench/gpu_check.sh [build] [test] [kernels]     (no stage named: all three, in order)
+#   bench/gpu_check.sh [build] [test] [serve] [kernels]     (no stage named: all four, in order)
 # build:   the extension with the CUDA kernels (-j16; the build folder is reused when it is there)
 # test:    every GPU test; fails if one failed, was skipped, or none ran
+# serve:   the server tests (tests/entrypoints) against a server on the GPU. The device image has no
+#          fastapi/uvicorn/pydantic/openai: carry their wheels in .whl/ (how: the device README); they are
+#          installed to /tmp/site first. Fails like `test`.
 # kernels: the kernel benchmarks (each with its same-run baseline)
 # Logs and JSON go to $OUT (default ./gpu_out): gpu_check.log, gpu_tests.xml, bench_*.json.
 set -euo pipefail
@@ -15,7 +18,7 @@ PY=${PYTHON:-python3}
 # message (an older libstdc++ is found first): load the toolchain's own libstdc++ (seen 2026-11-27).
 export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(build test kernels)
+[ ${#stages[@]} -gt 0 ] || stages=(build test serve kernels)
 
 log() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
 
@@ -28,17 +31,33 @@ stage_build() {
   $PY -c "from pagedinfer import _ops; assert _ops.has_cuda_kernels(), 'CUDA kernels missing'" 2>&1 | tee -a "$LOG"
 }
 
-stage_test() {
-  $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" tests 2>&1 | tee -a "$LOG" || true
-  $PY - "$OUT/gpu_tests.xml" <<'PYEOF' 2>&1 | tee -a "$LOG"
+# Fails unless the JUnit report $1 shows tests that ran, none failed and none skipped.
+check_junit() {
+  $PY - "$1" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suite = root if root.tag == "testsuite" else root.find("testsuite")
 n, skipped = int(suite.get("tests")), int(suite.get("skipped"))
 failed = int(suite.get("failures")) + int(suite.get("errors"))
-print(f"gpu tests: {n} run, {failed} failed, {skipped} skipped")
+print(f"{sys.argv[1]}: {n} run, {failed} failed, {skipped} skipped")
 sys.exit(0 if n > 0 and failed == 0 and skipped == 0 else 1)
 PYEOF
+}
+
+stage_test() {
+  $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" tests 2>&1 | tee -a "$LOG" || true
+  check_junit "$OUT/gpu_tests.xml"
+}
+
+stage_serve() {
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      >>"$LOG" 2>&1 || { tail -20 "$LOG"; return 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  PAGEDINFER_TEST_SERVER_DEVICE=cuda $PY -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/serve_tests.xml" \
+    tests/entrypoints 2>&1 | tee -a "$LOG" || true
+  check_junit "$OUT/serve_tests.xml"
 }
 
 stage_kernels() {

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.entrypoints.utils import ServerProcess
+from tests.entrypoints.utils import SERVER_DEVICE, ServerProcess
 
 STREAM = dict(model="tiny", prompt="The quick", max_tokens=100, temperature=0, stream=True,
               extra_body={"ignore_eos": True})
@@ -36,7 +36,7 @@ def test_serve_cli_with_api_key(tiny_chat_model: Path) -> None:
                                             (("--quantization", "awq"), "quantization")])
 def test_unsupported_flags_stop_start_up(tiny_chat_model: Path, flags: tuple[str, ...], message: str) -> None:
     result = subprocess.run([sys.executable, "-m", "pagedinfer.entrypoints.openai.api_server", "--model",
-                             str(tiny_chat_model), "--device", "cpu", *flags],
+                             str(tiny_chat_model), "--device", SERVER_DEVICE, *flags],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr and "not supported" in result.stderr
 

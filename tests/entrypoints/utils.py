@@ -15,8 +15,11 @@ from typing import Optional
 import httpx
 import openai
 
+# Where the server runs: the CPU in CI; `PAGEDINFER_TEST_SERVER_DEVICE=cuda` runs the same tests against a
+# server on the GPU (bench/gpu_check.sh serve).
+SERVER_DEVICE = os.environ.get("PAGEDINFER_TEST_SERVER_DEVICE", "cpu")
 # Small and fast on 2 CPU cores: short sequences, small blocks, a few hundred of them.
-DEFAULT_FLAGS = ("--device", "cpu", "--dtype", "float32", "--max-model-len", "128", "--block-size", "4",
+DEFAULT_FLAGS = ("--device", SERVER_DEVICE, "--dtype", "float32", "--max-model-len", "128", "--block-size", "4",
                  "--num-gpu-blocks-override", "512", "--max-num-seqs", "64", "--served-model-name", "tiny",
                  "tiny-alias", "--uvicorn-log-level", "warning")
 START_TIMEOUT_S = 120
