@@ -258,6 +258,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     trust_remote_code: bool = False
+    enforce_eager: bool = False  # never capture CUDA graphs of decode steps
 
     @classmethod
     def create(cls, model: str, tokenizer: Optional[str] = None, dtype: str | torch.dtype = "auto",
@@ -268,7 +269,7 @@ class EngineConfig:
                swap_space: float = 4.0, preemption_mode: str = "recompute",
                kv_cache_space: float = 4.0, load_format: str = "auto",
                seed: int = 0, trust_remote_code: bool = False,
-               skip_tokenizer_init: bool = False) -> EngineConfig:
+               skip_tokenizer_init: bool = False, enforce_eager: bool = False) -> EngineConfig:
         """The one place defaults are decided: device "auto" is CUDA when available, else the CPU;
         max_num_batched_tokens defaults to 8192 on CUDA and 4096 on the CPU (at least max_num_seqs)."""
         model = resolve_model_path(model, "model")
@@ -291,6 +292,7 @@ class EngineConfig:
             load_format=load_format,
             seed=seed,
             trust_remote_code=trust_remote_code,
+            enforce_eager=enforce_eager,
         )
 
 

@@ -24,12 +24,13 @@ class LLM:
     device: "auto" is CUDA when available, else the CPU. max_model_len: the model's context length
     unless set. max_num_batched_tokens: the tokens a step computes (longer prompts are split into
     chunks); default 8192 on CUDA, 4096 on the CPU. The KV cache takes gpu_memory_utilization of the
-    card (kv_cache_space GiB on the CPU), or num_gpu_blocks_override blocks. preemption_mode: when the
-    KV cache is full, "recompute" (the default) drops a preempted request's KV to compute it again;
-    "swap" moves it to a CPU swap space of swap_space GiB and back.
-
-    Accepted for vLLM compatibility with no effect yet: enforce_eager (every step runs eagerly: CUDA
-    graphs are to come).
+    card (kv_cache_space GiB on the CPU), or num_gpu_blocks_override blocks: what is left once the
+    weights, the peak of the largest step (profiled at load) and the CUDA graphs are counted.
+    preemption_mode: when the KV cache is full, "recompute" (the default) drops a preempted request's
+    KV to compute it again; "swap" moves it to a CPU swap space of swap_space GiB and back.
+    On CUDA, decode steps replay CUDA graphs captured at load for batch sizes 1, 2, 4, 8, 16, ... up
+    to max_num_seqs; enforce_eager=True runs every step eagerly instead (no capture, no graph memory).
+    skip_tokenizer_init=True loads no tokenizer: prompts must be token ids, outputs have no text.
     """
 
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, dtype: str = "auto",
@@ -56,7 +57,8 @@ class LLM:
             num_gpu_blocks_override=num_gpu_blocks_override,
             gpu_memory_utilization=gpu_memory_utilization, swap_space=swap_space,
             preemption_mode=preemption_mode, kv_cache_space=kv_cache_space, load_format=load_format,
-            seed=seed, trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init)
+            seed=seed, trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init,
+            enforce_eager=enforce_eager)
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()
 

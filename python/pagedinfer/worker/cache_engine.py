@@ -16,37 +16,12 @@ def kv_block_bytes(model: ModelConfig, block_size: int) -> int:
     return 2 * block_size * model.num_key_value_heads * model.head_dim * itemsize * model.num_hidden_layers
 
 
-def activation_bytes(model: ModelConfig, scheduler: SchedulerConfig) -> int:
-    """A generous bound on what a step needs besides weights and KV cache: a layer's intermediates for
-    a full token budget (the widest being gate|up and what feeds and leaves it, in the model dtype),
-    and the sampler's float32 copies of the logits of up to max_num_seqs rows."""
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    q_and_kv = (model.num_attention_heads + 2 * model.num_key_value_heads) * model.head_dim
-    per_token = (3 * model.intermediate_size + q_and_kv + 4 * model.hidden_size) * itemsize
-    sampler = 8 * scheduler.max_num_seqs * model.vocab_size * 4
-    return scheduler.max_num_batched_tokens * per_token + sampler
-
-
-def num_kv_blocks(model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig,
-                  device: torch.device) -> int:
-    """The pool size: `cache.num_gpu_blocks` when set; on the CPU `cpu_kv_cache_space_gib`; on CUDA
-    (after the weights are loaded) what is left of gpu_memory_utilization of the card once this and
-    every other process's allocations and a step's activations are counted. A simple rule; sizing
-    by profiling a step is still to come."""
+def num_kv_blocks(model: ModelConfig, cache: CacheConfig) -> int:
+    """The pool size where it is not profiled: `cache.num_gpu_blocks` when set, else (on the CPU)
+    `cpu_kv_cache_space_gib` of blocks. On CUDA without an override, memory_profiler sizes it."""
     if cache.num_gpu_blocks is not None:
         return cache.num_gpu_blocks
-    block_bytes = kv_block_bytes(model, cache.block_size)
-    if device.type == "cpu":
-        return int(cache.cpu_kv_cache_space_gib * _GIB) // block_bytes
-    free, total = torch.cuda.mem_get_info(device)
-    budget = cache.gpu_memory_utilization * total - (total - free) - activation_bytes(model, scheduler)
-    if budget < block_bytes:
-        raise ValueError(f"no GPU memory is left for the KV cache: {free / _GIB:.1f} of {total / _GIB:.1f} "
-                         f"GiB are free after loading the model, gpu_memory_utilization is "
-                         f"{cache.gpu_memory_utilization} and a step needs about "
-                         f"{activation_bytes(model, scheduler) / _GIB:.1f} GiB: raise "
-                         f"gpu_memory_utilization or lower max_num_batched_tokens or max_num_seqs")
-    return int(budget) // block_bytes
+    return int(cache.cpu_kv_cache_space_gib * _GIB) // kv_block_bytes(model, cache.block_size)
 
 
 def num_swap_blocks(model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig) -> int:

@@ -4,11 +4,15 @@ It owns the model, the KV cache and the sampler. A step is: swap blocks out to t
 back in, copy the blocks of forked sequences, build the flat batch of new tokens with their positions
 and attention metadata, run the model, and compute logits only where they are needed (the last token
 of each entry that samples, and prompt tokens whose logprobs were asked for).
+
+On CUDA the KV cache is sized by profiling the largest step (memory_profiler), and decode steps (every
+sequence bringing one new token) replay CUDA graphs captured once the cache exists (cuda_graphs),
+unless enforce_eager is set. Other steps run eagerly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -21,6 +25,8 @@ from pagedinfer.layers.sampler import Sampler, SamplingBatch, compute_prompt_log
 from pagedinfer.models.loader import load_model
 from pagedinfer.sampling_params import SamplingParams
 from pagedinfer.worker.cache_engine import CacheEngine, num_kv_blocks, num_swap_blocks
+from pagedinfer.worker.cuda_graphs import DecodeGraphs, DecodeInputBuffers, capture_batch_sizes, decode_slot
+from pagedinfer.worker.memory_profiler import graph_pool_reserve_bytes, num_gpu_kv_blocks, profile_gpu_memory
 
 
 @dataclass
@@ -63,29 +69,51 @@ class StepResult:
 
 @dataclass
 class _StepInputs:
-    input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    metadata: AttentionMetadata
-    first_rows: list[int]    # each entry's first row in the flat batch
-    sample_rows: list[int]   # the row each sampled token's logits come from (repeated when forking)
+    input_ids: Optional[torch.Tensor]         # [num_tokens] int64 (None: in the graph buffers)
+    positions: Optional[torch.Tensor]         # [num_tokens] int64 (None: in the graph buffers)
+    metadata: Optional[AttentionMetadata]     # None: in the graph buffers
+    first_rows: list[int]                     # each entry's first row in the flat batch
+    sample_rows: list[int]                    # the row each sampled token's logits come from (repeated
+                                              # when forking)
+    graph_batch_size: Optional[int] = None    # the captured batch size a decode step replays; None: eager
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
-        model_config, cache_config = config.model, config.cache
+        model_config, cache_config, scheduler = config.model, config.cache, config.scheduler
         self.config = config
         self.device = config.device
         self.model = load_model(model_config, config.device, config.load_format, config.seed)
-        # Sized after loading: on CUDA the cache takes what the weights left.
-        num_blocks = num_kv_blocks(model_config, cache_config, config.scheduler, config.device)
-        self.cache = CacheEngine(model_config, num_blocks, cache_config.block_size, config.device,
-                                 num_swap_blocks(model_config, cache_config, config.scheduler))
-        self.sampler = Sampler()
+        on_cuda = config.device.type == "cuda"
+        weights_bytes = torch.cuda.memory_allocated(config.device) if on_cuda else 0
         max_blocks_per_seq = -(-model_config.max_model_len // cache_config.block_size)
+        # Sized for the largest batch, it serves every smaller one (captured graphs included).
         self.workspace = _ops.paged_attention_workspace(
-            config.scheduler.max_num_seqs, model_config.num_attention_heads,
-            model_config.num_key_value_heads, model_config.head_dim, max_blocks_per_seq,
-            cache_config.block_size, config.device)
+            scheduler.max_num_seqs, model_config.num_attention_heads, model_config.num_key_value_heads,
+            model_config.head_dim, max_blocks_per_seq, cache_config.block_size, config.device)
+        use_graphs = on_cuda and not config.enforce_eager
+        # Sized after loading: on CUDA the cache takes what the weights and a step's peak leave.
+        if on_cuda and cache_config.num_gpu_blocks is None:
+            graph_reserve = graph_pool_reserve_bytes(model_config, scheduler.max_num_seqs) if use_graphs else 0
+            profile = profile_gpu_memory(self.model, config, weights_bytes, self.workspace)
+            num_blocks = num_gpu_kv_blocks(profile, config, graph_reserve)
+        else:
+            num_blocks = num_kv_blocks(model_config, cache_config)
+        self.cache = CacheEngine(model_config, num_blocks, cache_config.block_size, config.device,
+                                 num_swap_blocks(model_config, cache_config, scheduler))
+        self.sampler = Sampler()
+        # Prompt logprobs take this many rows of logits at a time: never more than the profiled step's.
+        self.prompt_logprobs_rows = scheduler.max_num_seqs
+        self.decode_graphs: Optional[DecodeGraphs] = None
+        if use_graphs:
+            buffers = DecodeInputBuffers(scheduler.max_num_seqs, max_blocks_per_seq, config.device)
+            self.decode_graphs = DecodeGraphs(self.model, self.cache.kv_caches, buffers, self.workspace,
+                                              capture_batch_sizes(scheduler.max_num_seqs))
+
+    @property
+    def num_graph_replays(self) -> int:
+        """Decode steps that ran as a CUDA graph replay so far."""
+        return 0 if self.decode_graphs is None else self.decode_graphs.num_replays
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
@@ -95,7 +123,7 @@ class ModelRunner:
         # Before the forward: a forked sequence writes into its own copy of a shared partial block.
         self.cache.copy(step.blocks_to_copy)
         inputs = self._prepare_inputs(step)
-        hidden_states = self.model(inputs.input_ids, inputs.positions, self.cache.kv_caches, inputs.metadata)
+        hidden_states = self._forward(inputs)
         return StepResult(self._sample(step, inputs, hidden_states),
                           self._prompt_logprobs(step, inputs, hidden_states))
 
@@ -108,14 +136,31 @@ class ModelRunner:
             input_ids += entry.new_token_ids
             positions += range(entry.num_computed_tokens, entry.num_computed_tokens + entry.num_new_tokens)
             sample_rows += [len(input_ids) - 1] * entry.num_samples
+        seq_lens = [e.num_computed_tokens + e.num_new_tokens for e in step.scheduled]
+        block_tables = [e.seq.block_table for e in step.scheduled]
+        # A decode step (one new token a sequence) replays the graph of the smallest batch that holds it.
+        is_decode = all(e.num_new_tokens == 1 for e in step.scheduled)
+        padded_size = (self.decode_graphs.padded_size(len(step.scheduled))
+                       if self.decode_graphs is not None and is_decode else None)
+        if padded_size is not None:
+            block_size = self.cache.block_size
+            self.decode_graphs.buffers.fill(
+                input_ids, positions, [decode_slot(n, t, block_size) for n, t in zip(seq_lens, block_tables)],
+                seq_lens, block_tables, padded_size)
+            return _StepInputs(None, None, None, first_rows, sample_rows, padded_size)
         metadata = AttentionMetadata.build(
-            seq_lens=[e.num_computed_tokens + e.num_new_tokens for e in step.scheduled],
-            query_lens=[e.num_new_tokens for e in step.scheduled],
-            block_tables=[e.seq.block_table for e in step.scheduled],
-            block_size=self.cache.block_size, device=self.device, workspace=self.workspace)
+            seq_lens=seq_lens, query_lens=[e.num_new_tokens for e in step.scheduled],
+            block_tables=block_tables, block_size=self.cache.block_size, device=self.device,
+            workspace=self.workspace)
         return _StepInputs(torch.tensor(input_ids, dtype=torch.int64, device=self.device),
                            torch.tensor(positions, dtype=torch.int64, device=self.device),
                            metadata, first_rows, sample_rows)
+
+    def _forward(self, inputs: _StepInputs) -> torch.Tensor:
+        """Hidden states [rows, hidden_size]: the step's tokens first (a graph's padded rows after)."""
+        if inputs.graph_batch_size is not None:
+            return self.decode_graphs.replay(inputs.graph_batch_size)
+        return self.model(inputs.input_ids, inputs.positions, self.cache.kv_caches, inputs.metadata)
 
     def _sample(self, step: SchedulerOutput, inputs: _StepInputs,
                 hidden_states: torch.Tensor) -> TokenLogprobs:
@@ -145,11 +190,23 @@ class ModelRunner:
             end = min(start + entry.num_new_tokens, seq.num_prompt_tokens - 1)
             if end <= start:
                 continue
-            logits = self.model.compute_logits(hidden_states[first_row:first_row + end - start])
-            next_ids = torch.tensor(seq.token_ids[start + 1:end + 1], device=self.device)
-            chunks.append(PromptLogprobsChunk(index, start + 1, TokenLogprobs.from_tensors(
-                next_ids, *compute_prompt_logprobs(logits, next_ids, seq.sampling_params.prompt_logprobs))))
+            chunks.append(PromptLogprobsChunk(index, start + 1, self._prompt_token_logprobs(
+                hidden_states[first_row:first_row + end - start], seq.token_ids[start + 1:end + 1],
+                seq.sampling_params.prompt_logprobs)))
         return chunks
+
+    def _prompt_token_logprobs(self, hidden_states: torch.Tensor, next_ids: list[int],
+                               num_logprobs: int) -> TokenLogprobs:
+        """Logprobs of next_ids[i] under the logits of hidden_states[i], prompt_logprobs_rows rows at a
+        time: a whole prompt chunk's [rows, vocab] float32 logits would outgrow the profiled step."""
+        parts = []
+        for first in range(0, len(next_ids), self.prompt_logprobs_rows):
+            last = first + self.prompt_logprobs_rows
+            ids = torch.tensor(next_ids[first:last], device=self.device)
+            logits = self.model.compute_logits(hidden_states[first:last])
+            parts.append(TokenLogprobs.from_tensors(ids, *compute_prompt_logprobs(logits, ids, num_logprobs)))
+        return TokenLogprobs(*([row for part in parts for row in getattr(part, field.name)]
+                               for field in fields(TokenLogprobs)))
 
 
 @dataclass

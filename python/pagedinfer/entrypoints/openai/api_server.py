@@ -82,7 +82,7 @@ def make_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.Ar
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the KV blocks of shared prompt prefixes")
     parser.add_argument("--enforce-eager", action="store_true",
-                        help="never capture CUDA graphs (accepted; every step runs eagerly for now)")
+                        help="never capture CUDA graphs: every step, decodes included, runs eagerly")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="GPUs to shard the model over (only 1 for now)")
     parser.add_argument("--quantization", default=None, help="weight quantization method (none supported yet)")
