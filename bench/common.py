@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 from typing import Callable
 
@@ -11,6 +12,8 @@ import torch
 
 
 def card_name() -> str:
+    if not torch.cuda.is_available():  # CPU smoke runs (bench_offline.py --smoke) still name their machine
+        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return torch.cuda.get_device_name()
 
 
@@ -88,10 +91,11 @@ def read_ceiling_gbps(nbytes: int = 4 << 30) -> float:
     return nbytes / us / 1e3
 
 
-def write_json(name: str, payload: dict) -> str:
+def write_json(name: str, payload: dict, card: str | None = None) -> str:
+    """card: given by a caller that must not touch CUDA itself (a parent of the processes that ran)."""
     path = os.path.join(out_dir(), name)
     with open(path, "w") as f:
-        json.dump({"card": card_name(), "torch": torch.__version__, **payload}, f, indent=2)
+        json.dump({"card": card or card_name(), "torch": torch.__version__, **payload}, f, indent=2)
     return path
 
 

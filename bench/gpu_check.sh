@@ -65,6 +65,17 @@ stage_kernels() {
   $PY bench/bench_cache_ops.py 2>&1 | tee -a "$LOG"
 }
 
+# End to end (bench/bench_offline.py), in two stages so each fits one command: e2e runs ours (startup,
+# workloads a and b, roofline rates) and writes $OUT/bench_offline_ours.json; e2e_hf runs the HF baseline
+# in its own process and merges with ours when both are in $OUT (else: bench_offline.py --merge).
+stage_e2e() {
+  $PY bench/bench_offline.py --only ours 2>&1 | tee -a "$LOG"
+}
+
+stage_e2e_hf() {
+  $PY bench/bench_offline.py --only hf 2>&1 | tee -a "$LOG"
+}
+
 for s in "${stages[@]}"; do
   log "stage $s"
   "stage_$s"
