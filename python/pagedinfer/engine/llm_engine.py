@@ -46,7 +46,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tokenizer: Optional[PreTrainedTokenizerBase] = (
-            None if config.tokenizer is None else load_tokenizer(config.tokenizer, config.trust_remote_code))
+            None if config.tokenizer is None
+            else load_tokenizer(config.tokenizer, config.trust_remote_code, config.model.vocab_size))
         self.generation_defaults = GenerationDefaults.from_generation_config(
             read_generation_config(config.model.model))
         self.eos_token_ids = _eos_token_ids(config.model.eos_token_ids, self.tokenizer)
