@@ -73,28 +73,30 @@ class DecodeInputBuffers:
         if max_num_seqs < 1 or max_blocks_per_seq < 1:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_blocks_per_seq ({max_blocks_per_seq}) "
                              f"must be >= 1")
-        n = max_num_seqs
-        self.max_num_seqs = n
+        self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = device
-        # int32 elements: three int64 fields (two each, so they stay 8-byte aligned), then seq_lens.
-        self._tables_offset = 7 * n
-        size = self._tables_offset + n * max_blocks_per_seq
+        # In int32 elements: three int64 fields (two elements each), seq_lens, then the staged tables,
+        # each field starting 16-byte aligned (the row count rounded up to a multiple of 4).
+        self._stride = -(-max_num_seqs // 4) * 4
+        self._tables_offset = 7 * self._stride
+        size = self._tables_offset + max_num_seqs * max_blocks_per_seq
         on_cuda = device.type == "cuda"
         self._device = torch.zeros(size, dtype=torch.int32, device=device)
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=on_cuda)
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self._fields(self._device)
         self._host_fields = self._fields(self._host)
         self.slot_mapping.fill_(-1)  # before the first step too: warm-up and capture write nothing
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
         # The mirror is rewritten only once the previous step's copy out of it has completed.
         self._copied = torch.cuda.Event() if on_cuda else None
 
     def _fields(self, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n = self.max_num_seqs
-        return (buffer[0:2 * n].view(torch.int64), buffer[2 * n:4 * n].view(torch.int64),
-                buffer[4 * n:6 * n].view(torch.int64), buffer[6 * n:7 * n])
+        """(input_ids, positions, slot_mapping, seq_lens) of max_num_seqs rows, views of buffer."""
+        n, stride = self.max_num_seqs, self._stride
+        return (buffer[0:2 * n].view(torch.int64), buffer[2 * stride:2 * stride + 2 * n].view(torch.int64),
+                buffer[4 * stride:4 * stride + 2 * n].view(torch.int64), buffer[6 * stride:6 * stride + n])
 
     def fill(self, input_ids: Sequence[int], positions: Sequence[int], slot_mapping: Sequence[int],
              seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], padded_size: int) -> None:
@@ -172,9 +174,10 @@ class DecodeGraphs:
             # Largest first: the smaller graphs' intermediates then fit in what the pool already holds.
             for size in reversed(self.sizes):
                 args = (b.input_ids[:size], b.positions[:size], kv_caches, b.metadata(size, workspace))
-                # Warm-up outside the capture: lazy initializations (cuBLAS handles, kernel attributes)
-                # must not happen inside it.
-                model(*args)
+                # Warm-up outside the capture, on its stream: lazy initializations (the cuBLAS workspace
+                # of that stream, kernel attributes, module loading) must not happen inside it.
+                with torch.cuda.stream(stream):
+                    model(*args)
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 # One stream for every capture: graphs sharing a pool must be captured on the same one.

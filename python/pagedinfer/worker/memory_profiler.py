@@ -25,9 +25,10 @@ from pagedinfer.worker.cache_engine import kv_block_bytes
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
-# The graph pool also holds what the capture's own stream needs (cuBLAS workspaces) and each graph's
-# output; a fixed allowance on top of the decode intermediates covers them.
-_GRAPH_POOL_FIXED_BYTES = 64 << 20
+# Besides the decode intermediates, capture takes the cuBLAS workspaces of its own stream, each graph's
+# output and the instantiated graphs (driver memory), and first loads the decode kernels: a fixed
+# allowance covers them (0.3% of an 80 GB card; the real size is logged after capture).
+_GRAPH_POOL_FIXED_BYTES = 256 << 20
 
 
 def profile_sequence_lengths(max_num_batched_tokens: int, max_model_len: int, max_num_seqs: int) -> list[int]:

@@ -12,6 +12,7 @@ unless enforce_eager is set. Other steps run eagerly.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -27,6 +28,8 @@ from pagedinfer.sampling_params import SamplingParams
 from pagedinfer.worker.cache_engine import CacheEngine, num_kv_blocks, num_swap_blocks
 from pagedinfer.worker.cuda_graphs import DecodeGraphs, DecodeInputBuffers, capture_batch_sizes, decode_slot
 from pagedinfer.worker.memory_profiler import graph_pool_reserve_bytes, num_gpu_kv_blocks, profile_gpu_memory
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,9 +95,11 @@ class ModelRunner:
             scheduler.max_num_seqs, model_config.num_attention_heads, model_config.num_key_value_heads,
             model_config.head_dim, max_blocks_per_seq, cache_config.block_size, config.device)
         use_graphs = on_cuda and not config.enforce_eager
-        # Sized after loading: on CUDA the cache takes what the weights and a step's peak leave.
-        if on_cuda and cache_config.num_gpu_blocks is None:
-            graph_reserve = graph_pool_reserve_bytes(model_config, scheduler.max_num_seqs) if use_graphs else 0
+        # Sized after loading: on CUDA the cache takes what the weights, a step's peak and the graphs
+        # (captured later: they need the cache) leave.
+        graph_reserve = graph_pool_reserve_bytes(model_config, scheduler.max_num_seqs) if use_graphs else 0
+        profiled = on_cuda and cache_config.num_gpu_blocks is None
+        if profiled:
             profile = profile_gpu_memory(self.model, config, weights_bytes, self.workspace)
             num_blocks = num_gpu_kv_blocks(profile, config, graph_reserve)
         else:
@@ -109,6 +114,10 @@ class ModelRunner:
             buffers = DecodeInputBuffers(scheduler.max_num_seqs, max_blocks_per_seq, config.device)
             self.decode_graphs = DecodeGraphs(self.model, self.cache.kv_caches, buffers, self.workspace,
                                               capture_batch_sizes(scheduler.max_num_seqs))
+            if profiled and self.decode_graphs.pool_bytes > graph_reserve:
+                logger.warning("the CUDA graphs took %.1f MiB, more than the %.1f MiB reserved for them: "
+                               "lower gpu_memory_utilization if memory runs out",
+                               self.decode_graphs.pool_bytes / 2**20, graph_reserve / 2**20)
 
     @property
     def num_graph_replays(self) -> int:
