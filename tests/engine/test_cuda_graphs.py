@@ -144,6 +144,71 @@ def test_cpu_engine_has_no_graphs(tiny_model: Path) -> None:
     assert runner.decode_graphs is None and runner.num_graph_replays == 0
 
 
+# ---- the engine's decode path through the buffers (CPU) ----------------------------------------------
+
+class UncapturedDecodeGraphs:
+    """DecodeGraphs without the capture, for the CPU: a "replay" runs the model on the buffers' padded
+    rows, as the graph would. Everything the engine does around a replay (filling the buffers,
+    sampling from the padded hidden states) is then exercised without a GPU."""
+
+    def __init__(self, runner) -> None:
+        config = runner.config
+        max_blocks = -(-config.model.max_model_len // config.cache.block_size)
+        self.buffers = DecodeInputBuffers(config.scheduler.max_num_seqs, max_blocks, runner.device)
+        self.sizes = capture_batch_sizes(config.scheduler.max_num_seqs)
+        self.num_replays = 0
+        self._runner = runner
+
+    def padded_size(self, num_seqs: int) -> Optional[int]:
+        return padded_batch_size(num_seqs, self.sizes)
+
+    def replay(self, padded_size: int) -> torch.Tensor:
+        self.num_replays += 1
+        b, runner = self.buffers, self._runner
+        return runner.model(b.input_ids[:padded_size], b.positions[:padded_size], runner.cache.kv_caches,
+                            b.metadata(padded_size, runner.workspace))
+
+
+def _cpu_llm_with_buffers(folder: Path, **overrides) -> LLM:
+    options = dict(dtype="float32", device="cpu", block_size=4, num_gpu_blocks_override=512, max_num_seqs=24,
+                   max_model_len=128)
+    llm = LLM(model=str(folder), **(options | overrides))
+    runner = llm.llm_engine.model_runner
+    runner.decode_graphs = UncapturedDecodeGraphs(runner)
+    return llm
+
+
+def test_decode_steps_through_the_buffers_match_hf(tiny_model: Path) -> None:
+    """17 requests of different lengths: the batch shrinks through sizes between the captured ones."""
+    prompts = [torch.randint(2, 320, (n,)).tolist() for n in [3, 9, 2, 14, 5, 7, 11, 4, 6, 13, 8, 10, 3, 12,
+                                                               5, 9, 6]]
+    lengths = [4, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 9, 9, 12, 12, 20]
+    llm = _cpu_llm_with_buffers(tiny_model)
+    log = StepLog(llm)
+    outputs = _generate(llm, prompts, [_greedy(n) for n in lengths])
+    assert llm.llm_engine.model_runner.num_graph_replays == log.decode_steps > 0
+    assert {17: 24, 5: 8, 3: 4}.items() <= dict(log.replayed).items()
+    hf = load_hf(tiny_model, "cpu")
+    for prompt, output, n in zip(prompts, outputs, lengths):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, n)
+
+
+def test_preemption_and_forks_through_the_buffers_match_hf(tiny_model: Path) -> None:
+    """A 16-block pool: sequences are preempted and come back into decode batches; n=2 siblings share
+    a prompt's blocks (copy-on-write of the partial one)."""
+    llm = _cpu_llm_with_buffers(tiny_model, num_gpu_blocks_override=16, max_model_len=64, max_num_seqs=8)
+    log = StepLog(llm)
+    prompts = [torch.randint(2, 320, (12,)).tolist() for _ in range(4)]
+    outputs = _generate(llm, prompts, _greedy(20))
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.model_runner.num_graph_replays == log.decode_steps > 0
+    hf = load_hf(tiny_model, "cpu")
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
+    (forked,) = _generate(llm, prompts[:1], _greedy(6, n=2))
+    assert [c.token_ids for c in forked.outputs] == [hf_greedy(hf, prompts[0], 6)] * 2
+
+
 # ---- the engine on CUDA ----------------------------------------------------------------------------
 
 def _llm(folder: Path, dtype: str = "float32", **overrides) -> LLM:
