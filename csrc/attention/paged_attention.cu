@@ -1,11 +1,17 @@
 // The CUDA launcher of paged_attention (contract in ops.h) and the split-KV plan that sizes its workspace.
 //
-// Kernels (all one CTA per (query row, kv head, head tile, split)):
-//   mma_attention_kernel.cuh     fp16/bf16 with head_size 64 or 128: tensor cores, the GQA group as M
-//   simt_attention_kernel.cuh    everything else (float32, other head sizes, unaligned caches)
+// Kernels:
+//   mma_prefill_kernel.cuh       max_query_len > 1, fp16/bf16, head_size 64 or 128: FlashAttention-2 style
+//                                tiles of 128 (token, head) rows against 64-key tiles on tensor cores, one
+//                                CTA per (sequence, kv head, row tile); decodes of a mixed step included
+//   mma_attention_kernel.cuh     decode (max_query_len == 1), fp16/bf16 with head_size 64 or 128: one CTA
+//                                per (sequence, kv head, head tile, split), the GQA group as the M of the MMA;
+//                                also the general path, per query token, when `out` is not 16-byte aligned
+//   simt_attention_kernel.cuh    everything else (float32, other head sizes, unaligned caches), one CTA per
+//                                (query row, kv head, head tile, split)
 //   split_kv_reduce_kernel.cuh   merges the splits' partial results when a launch has more than one
-// Decode (max_query_len == 1) splits long contexts over several CTAs; the general path (prompt chunks
-// mixed with decodes) gives each query token its own CTAs and one split.
+// Decode splits long contexts over several CTAs; the SIMT general path gives each query token its own CTAs
+// and one split.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +26,7 @@
 
 #include "attention/attention_args.h"
 #include "attention/mma_attention_kernel.cuh"
+#include "attention/mma_prefill_kernel.cuh"
 #include "attention/simt_attention_kernel.cuh"
 #include "attention/split_kv_reduce_kernel.cuh"
 #include "ops.h"
@@ -135,6 +142,41 @@ void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, cuda
     case 32: launch_mma_kernel<T, kHeadSize, 32>(p, grid, stream); break;
     default: launch_mma_kernel<T, kHeadSize, 0>(p, grid, stream); break;  // any block size
   }
+}
+
+// Prompt chunks (max_query_len > 1) on tensor cores: grid = sequences x kv heads x row tiles, all from host
+// ints (max_query_len, shapes), so a captured graph stays valid as lengths change below those bounds.
+// Decodes of a mixed step take one row tile each (their group rows; the rest of the CTA's warps only help
+// load), and the row tiles a shorter sequence does not have exit at once.
+template <typename T, int kHeadSize, int kBlockSize>
+void launch_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+  using Cfg = attention::MmaPrefillConfig<T, kHeadSize>;
+  const auto kernel = attention::mma_prefill_attention_kernel<T, kHeadSize, kBlockSize>;
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
+           max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
+  const int64_t row_tiles = attention::prefill_row_tiles(max_query_len, group, Cfg::kRows);
+  const int64_t grid = int64_t(p.num_seqs) * p.num_kv_heads * row_tiles;
+  PI_CHECK(grid <= std::numeric_limits<int32_t>::max(), "paged_attention: too many CTAs (", grid,
+           ") for one launch");
+  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kHeadSize>
+void launch_prefill_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+  switch (p.block_size) {
+    case 16: launch_prefill_kernel<T, kHeadSize, 16>(p, max_query_len, stream); break;
+    case 32: launch_prefill_kernel<T, kHeadSize, 32>(p, max_query_len, stream); break;
+    default: launch_prefill_kernel<T, kHeadSize, 0>(p, max_query_len, stream); break;  // any block size
+  }
+}
+
+template <typename T>
+void launch_prefill(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+  if (p.head_size == 128) launch_prefill_for_block_size<T, 128>(p, max_query_len, stream);
+  else launch_prefill_for_block_size<T, 64>(p, max_query_len, stream);
 }
 
 template <typename T>
@@ -284,6 +326,13 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
   const bool tensor_cores = (dtype == at::kHalf || dtype == at::kBFloat16) &&
                             (s.head_size == 64 || s.head_size == 128) &&
                             reinterpret_cast<uintptr_t>(p.kv_cache) % 16 == 0;
+  // The prefill kernel also writes `out` rows as 4- and 16-byte vectors: a 16-byte aligned `out` (any
+  // allocation; only an offset view is not) keeps them aligned, else the per-token kernels serve.
+  if (!decode && tensor_cores && reinterpret_cast<uintptr_t>(p.out) % 16 == 0) {
+    if (dtype == at::kHalf) launch_prefill<__half>(p, max_query_len, stream);
+    else launch_prefill<__nv_bfloat16>(p, max_query_len, stream);
+    return;
+  }
   const int64_t items = decode ? s.num_seqs : s.num_tokens;
   switch (dtype) {
     case at::kHalf: launch_attention<__half>(p, tensor_cores, items, device, stream); break;
