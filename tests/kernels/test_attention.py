@@ -155,7 +155,24 @@ def test_stale_cache_contents_are_never_read(device, sliding_window):
     check_attention(inputs, softmax_scale(64), sliding_window)
 
 
+def test_unaligned_out(device):
+    # `out` as a view 2 bytes into its buffer: on CUDA the prompt-chunk kernel (16-byte vector stores)
+    # must hand such a launch to the per-token kernels rather than fault or write misaligned.
+    inputs = make_paged_inputs(CASES["chunked_prefill"] + CASES["mixed_with_padded_rows"], num_heads=8,
+                               num_kv_heads=2, head_size=64, block_size=16, dtype=torch.bfloat16,
+                               device=device)
+    buffer = torch.full((inputs.query.numel() + 1,), float("nan"), dtype=inputs.query.dtype, device=device)
+    out = buffer[1:].view(inputs.query.shape)
+    scale = softmax_scale(64)
+    _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, inputs.max_query_len,
+                         scale, -1, None)
+    assert_close_to_ref(out, lambda dtype: ref_paged_attention(
+        inputs.query, inputs.kv_cache, *inputs.metadata, scale, -1, dtype=dtype),
+        inputs.query.dtype, name="paged_attention")
+
+
 # ---- CUDA only: long contexts (split-KV) and CUDA graphs ----------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_workspace", [False, True])
@@ -224,3 +241,76 @@ def test_cuda_graph_decode_with_growing_contexts(dtype, sliding_window):
         getattr(inputs, name).copy_(getattr(grown, name))
     check()
     assert (out[[1, 6]] == 0).all()  # padded rows
+
+
+# ---- CUDA only: the prompt-chunk kernel's tiling --------------------------------------------------------
+# On CUDA, max_query_len > 1 in fp16/bf16 with head 64/128 runs mma_prefill_kernel.cuh: CTAs of 128
+# (token, head) rows, token-major, against 64-key tiles; full tiles unmasked, diagonal and window-edge tiles
+# masked, tiles no row sees skipped. These shapes put every edge of that tiling under test.
+PREFILL_TILING = {
+    # q_len not a multiple of the row tile; several row tiles over a long context; a prompt from empty
+    # spanning a row tile by one token (257 x group 1 = 2 x 128 + 1 rows).
+    "long": [(300, 200), (0, 257), (1000, 129)],
+    # Ragged: decodes and a padded row in the same launch as chunks (their row tiles past q_len exit at
+    # once); a chunk of exactly one key tile over a context of one; a 2-token chunk ending past a tile.
+    "ragged": [(0, 33), (5, 1), (64, 64), (PAD, 40), (17, 95), (130, 2), (1, 64)],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sliding_window", [-1, 5, 100])  # none; smaller than a key tile; larger
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_size, block_size", [(128, 16), (128, 32), (64, 16), (128, 8)])
+@pytest.mark.parametrize("group", [1, 3, 4, 7])  # 3 and 7: a token's heads straddle row tiles and warps
+@pytest.mark.parametrize("case", list(PREFILL_TILING))
+def test_prefill_tiling(case, group, head_size, block_size, dtype, sliding_window):
+    # With a window of 100 the chunk over 300 cached tokens starts its first row's window mid-tile (key 201).
+    inputs = make_paged_inputs(PREFILL_TILING[case], num_heads=2 * group, num_kv_heads=2,
+                               head_size=head_size, block_size=block_size, dtype=dtype, device="cuda")
+    check_attention(inputs, softmax_scale(head_size), sliding_window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sliding_window", [-1, 200])
+def test_cuda_graph_prefill_with_changing_lengths(sliding_window):
+    """Capture a prompt-chunk step, then rewrite its metadata in place (same token count, same
+    max_query_len, other split of tokens over the sequences, longer contexts): the grid and every host
+    decision come from shapes and max_query_len alone."""
+    num_heads, num_kv_heads, head_size, block_size, max_blocks = 32, 8, 128, 16, 96
+    first = [(0, 300), (50, 7), (PAD, 1)]
+    second = [(1000, 150), (3, 157), (20, 1)]  # also 308 tokens; max q_len <= 300
+    build = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                 block_size=block_size, dtype=torch.bfloat16, device="cuda", max_blocks_per_seq=max_blocks)
+    inputs = make_paged_inputs(first, **build)
+    later = make_paged_inputs(second, **build)
+    inputs.kv_cache = later.kv_cache  # one pool for both steps: the later step's, the larger
+    scale = softmax_scale(head_size)
+    out = torch.empty_like(inputs.query)
+
+    def step():
+        _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, 300, scale,
+                             sliding_window, None)
+
+    _ops.set_debug_checks(False)  # they copy metadata to the host: not allowed while capturing
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def check():
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_to_ref(out, lambda d: ref_paged_attention(
+            inputs.query, inputs.kv_cache, *inputs.metadata, scale, sliding_window, dtype=d),
+            torch.bfloat16, name="graph replay")
+
+    check()
+    assert (out[307] == 0).all()  # the padded row
+    for name in ("query", "query_start_loc", "seq_lens", "block_tables"):
+        getattr(inputs, name).copy_(getattr(later, name))
+    check()
