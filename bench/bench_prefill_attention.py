@@ -39,6 +39,7 @@ from common import card_name, print_table, time_interleaved, write_json  # noqa:
 from pagedinfer import _ops  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
+DEVICE = "cuda"  # the CPU only for a dry run of the bench's own logic (shapes, masks, checks), not timed
 GROUP = NUM_HEADS // NUM_KV_HEADS
 SCALE = HEAD_SIZE ** -0.5
 MAX_ABS_ERR = 3e-2  # bf16 outputs of magnitude <~ 3: two honest kernels differ by a few 1e-3; a wrong mask by 0.1+
@@ -69,24 +70,24 @@ class PagedStep:
         blocks = [cdiv(n, BLOCK_SIZE) for n in seq_lens]
         self.max_blocks = max(blocks)
         pool = sum(blocks)
-        self.kv_cache = torch.randn(2, pool, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
-        perm = torch.randperm(pool, dtype=torch.int32, device="cuda")
-        self.tables = torch.zeros(len(specs), self.max_blocks, dtype=torch.int32, device="cuda")
+        self.kv_cache = torch.randn(2, pool, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE, device=DEVICE)
+        perm = torch.randperm(pool, dtype=torch.int32, device=DEVICE)
+        self.tables = torch.zeros(len(specs), self.max_blocks, dtype=torch.int32, device=DEVICE)
         offset = 0
         for i, b in enumerate(blocks):
             self.tables[i, :b] = perm[offset:offset + b]
             offset += b
-        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
         starts = [0]
         for q in q_lens:
             starts.append(starts[-1] + q)
         self.starts = starts
-        self.qsl = torch.tensor(starts, dtype=torch.int32, device="cuda")
+        self.qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
         self.max_query_len = max(q_lens)
-        self.query = torch.randn(starts[-1], NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda")
+        self.query = torch.randn(starts[-1], NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device=DEVICE)
         self.out = torch.empty_like(self.query)
         # The same output 2 bytes into a buffer: not 16-byte aligned, so the per-token kernels serve it.
-        self._unaligned_buffer = torch.empty(self.query.numel() + 8, dtype=DTYPE, device="cuda")
+        self._unaligned_buffer = torch.empty(self.query.numel() + 8, dtype=DTYPE, device=DEVICE)
         self.out_unaligned = self._unaligned_buffer[1:1 + self.query.numel()].view(self.query.shape)
 
     def run(self, out: Optional[torch.Tensor] = None) -> None:
@@ -110,7 +111,7 @@ class PagedStep:
         table = self.tables[idx].long()
         k, v = (self.kv_cache[j][table].reshape(len(idx), -1, NUM_KV_HEADS, HEAD_SIZE)[:, :kv_len]
                 .transpose(1, 2).contiguous() for j in range(2))
-        rows = torch.cat([torch.arange(self.starts[i], self.starts[i] + q_len) for i in idx]).cuda()
+        rows = torch.cat([torch.arange(self.starts[i], self.starts[i] + q_len) for i in idx]).to(DEVICE)
         q = self.query[rows].view(len(idx), q_len, NUM_HEADS, HEAD_SIZE).transpose(1, 2).contiguous()
         return q, k, v, rows
 
@@ -128,7 +129,7 @@ def sdpa_call(q, k, v, ctx: int, q_len: int, backend: Optional[SDPBackend], expl
     elif ctx == 0:
         kwargs["is_causal"] = True
     elif explicit_mask:
-        kwargs["attn_mask"] = torch.ones(q_len, kv_len, dtype=torch.bool, device="cuda").tril(diagonal=ctx)
+        kwargs["attn_mask"] = torch.ones(q_len, kv_len, dtype=torch.bool, device=DEVICE).tril(diagonal=ctx)
     else:
         kwargs["attn_mask"] = causal_lower_right(q_len, kv_len)
 
@@ -154,7 +155,8 @@ def make_baseline(step: PagedStep, backend: Optional[SDPBackend], explicit_mask:
             candidate = sdpa_call(q, k, v, ctx, q_len, backend, explicit, repeat_kv)
             try:
                 ref = candidate()
-                torch.cuda.synchronize()
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001 -- the backend refuses this shape (RuntimeError mostly)
                 failure = str(e).strip().splitlines()[0][:160]
                 continue
@@ -177,7 +179,8 @@ def make_baseline(step: PagedStep, backend: Optional[SDPBackend], explicit_mask:
 def bench_shape(name: str, specs: list[tuple[int, int]], calls: int, per_token: bool) -> dict:
     step = PagedStep(specs)
     step.run()
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     flops = step.flops()
     row: dict = {"shape": name, "gflop": flops / 1e9}
     fns: dict[str, Callable[[], None]] = {"ours": step.run}
