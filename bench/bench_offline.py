@@ -6,17 +6,20 @@ in [32, 1024] and outputs in [16, 512] (random.Random(0)). Random token ids, tem
 ignore_eos (vLLM's benchmark_throughput choices). Also: startup (LLM construction, then the first token
 of one short request, in a fresh process).
 
-Baseline (same invocation, its own process so the card is free): HF `generate` at batch 32 with a static
-cache on (a)'s shapes, and HF's continuous batching (`generate_batch`) on (a); HF's best is the faster.
+Baseline (same invocation, each mode in its own process so the card is free): HF `generate` at batch 32
+with a static cache on (a)'s shapes, eager and transformers' default (compiled on CUDA), and HF's
+continuous batching (`generate_batch`) on (a) or as much of it as a time budget allows; HF's best is
+the fastest of these.
 
 Roofline: an ideal scheduler with our token budget (decodes first, then chunked prefill, unbounded KV)
 replayed step by step; a step costs max(FLOPs / GEMM rate, bytes / read rate), both rates measured in
 our process on this card.
 
-Each engine runs in a child process writing $OUT/bench_offline_{ours,hf}.json; the parent merges what
-is there into a table and $OUT/bench_offline.json.
-Run: python bench/bench_offline.py [--only ours|hf] [--workload a|b] [--smoke]
-     python bench/bench_offline.py --merge ours.json hf.json   (results of separate runs)
+Each child writes $OUT/bench_offline_{ours,hf,hf_cb}.json; the parent merges what is there into a
+table and $OUT/bench_offline.json.
+Run: python bench/bench_offline.py [--only ours|hf|hf_static|hf_cb] [--workload a|b] [--smoke]
+     python bench/bench_offline.py --merge bench_offline_ours.json bench_offline_hf.json ...
+     (results of separate runs; writes to $OUT, default ./bench_out)
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ SMOKE_CONFIG = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "n
 
 FULL = dict(a=(256, 512, 128), b=(512, (32, 1024), (16, 512)), max_model_len=2048, hf_batch=32,
             hf_batches=3, hf_cb_budget_s=60.0, warmup_requests=64, gemm=8192, read_bytes=4 << 30,
-            ours_timeout=480, hf_timeout=420)
+            # Each stage of gpu_check.sh (e2e: ours; e2e_hf: hf then hf_cb) must end within 10 minutes.
+            ours_timeout=540, hf_timeout=270, hf_cb_timeout=270)
 SMOKE = dict(a=(12, 48, 8), b=(16, (8, 96), (2, 24)), max_model_len=256, hf_batch=4, hf_batches=2,
              hf_cb_budget_s=20.0, warmup_requests=4, gemm=512, read_bytes=64 << 20, ours_timeout=600,
-             hf_timeout=600)
+             hf_timeout=600, hf_cb_timeout=600)
 
 
 # ---------------------------------------------------------------- workloads and the roofline
@@ -151,8 +155,8 @@ def measure_rates(dtype: torch.dtype, gemm_n: int, read_bytes: int, device: str)
     h, inter = LLAMA_3_1_8B["hidden_size"], LLAMA_3_1_8B["intermediate_size"]
     shapes = {"square": (gemm_n, gemm_n, gemm_n), "gate_up": (gemm_n, h, 2 * inter) if device == "cuda"
               else (gemm_n, gemm_n // 2, gemm_n * 2)}
-    tensors = {k: (torch.randn(m, kk, dtype=dtype, device=device), torch.randn(n, kk, dtype=dtype, device=device))
-               for k, (m, kk, n) in shapes.items()}
+    tensors = {k: (torch.randn(m, kk, dtype=dtype, device=device),
+                   torch.randn(n, kk, dtype=dtype, device=device)) for k, (m, kk, n) in shapes.items()}
     fns = {k: (lambda a=a, b=b: torch.nn.functional.linear(a, b)) for k, (a, b) in tensors.items()}
     us = time_interleaved(fns, calls=10) if device == "cuda" else _cpu_best_us(fns)
     tflops = {k: 2 * m * kk * n / us[k] / 1e6 for k, (m, kk, n) in shapes.items()}
@@ -161,15 +165,17 @@ def measure_rates(dtype: torch.dtype, gemm_n: int, read_bytes: int, device: str)
         torch.cuda.empty_cache()
         # What the engine left free decides the buffer (4 GiB when it fits; always far past L2).
         free = torch.cuda.mem_get_info()[0]
-        read_bytes = int(min(read_bytes, max(1 << 30, (free - (1 << 30)) // 2)) // 4096 * 4096)
+        read_bytes = int(min(read_bytes, max(256 << 20, (free - (512 << 20)) // 2)) // 4096 * 4096)
         try:
             from common import read_ceiling_gbps
             gbps, how = read_ceiling_gbps(read_bytes), "Triton bf16 sum kernel (bench/common.py), reads only"
-        except ImportError:
-            gbps, how = _torch_sum_gbps(read_bytes, device), "torch.sum of a bf16 tensor, reads only"
+        except Exception as e:  # noqa: BLE001 - no Triton, or it failed to compile here
+            gbps = _torch_sum_gbps(read_bytes, device)
+            how = f"torch.sum of a bf16 tensor, reads only (Triton kernel: {type(e).__name__})"
     else:
         gbps, how = _torch_sum_gbps(read_bytes, device), "torch.sum of a bf16 tensor, reads only"
-    return dict(gemm_tflops=max(tflops.values()), gemm_tflops_by_shape={k: float(f"{v:.4g}") for k, v in tflops.items()},
+    return dict(gemm_tflops=max(tflops.values()),
+                gemm_tflops_by_shape={k: float(f"{v:.4g}") for k, v in tflops.items()},
                 gemm_shapes={k: list(v) for k, v in shapes.items()}, read_gbps=gbps, read_bytes=read_bytes,
                 read_method=how)
 
@@ -259,7 +265,10 @@ def run_ours(args: argparse.Namespace, sizes: dict, cfg: dict, model_dir: str) -
         in_tokens = sum(len(p) for p, _ in reqs)
         expected = sum(o for _, o in reqs)
         if out_tokens != expected:  # ignore_eos: every request runs to max_tokens, or the figure is wrong
-            raise RuntimeError(f"workload {name}: {out_tokens} output tokens, expected {expected}")
+            result["workloads"][name] = dict(error=f"{out_tokens} output tokens, expected {expected}")
+            print(f"ours ({name}): {result['workloads'][name]['error']}", flush=True)
+            save()
+            continue
         result["workloads"][name] = dict(
             requests=len(reqs), prompt_tokens=in_tokens, output_tokens=out_tokens, wall_s=wall,
             output_tok_s=out_tokens / wall, total_tok_s=(in_tokens + out_tokens) / wall,
@@ -274,11 +283,19 @@ def run_ours(args: argparse.Namespace, sizes: dict, cfg: dict, model_dir: str) -
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    rates = measure_rates(torch.bfloat16, sizes["gemm"], sizes["read_bytes"], device)
+    try:
+        rates = measure_rates(torch.bfloat16, sizes["gemm"], sizes["read_bytes"], device)
+    except Exception as e:  # noqa: BLE001 - the throughput figures stand without a roofline
+        result["rates_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"roofline rates not measured: {result['rates_error']}", flush=True)
+        save()
+        return
     result["rates"] = rates
     print(f"roofline inputs: GEMM {rates['gemm_tflops']:.4g} TFLOP/s {rates['gemm_tflops_by_shape']}, "
           f"read {rates['read_gbps']:.4g} GB/s over {rates['read_bytes'] / 2**30:.2f} GiB", flush=True)
     for name, w in result["workloads"].items():
+        if "error" in w:
+            continue
         reqs = [(len(p), o) for p, o in workload(name, {**sizes, "vocab_size": cfg["vocab_size"]})]
         w.update(roofline(reqs, cfg, result["max_num_batched_tokens"], result["max_num_seqs"],
                           rates["gemm_tflops"] * 1e12, rates["read_gbps"] * 1e9))
@@ -297,13 +314,16 @@ def _num_preemptions(llm) -> int | None:
 # ---------------------------------------------------------------- HF transformers (child process)
 
 def run_hf(args: argparse.Namespace, sizes: dict, cfg: dict, model_dir: str) -> None:
+    """role hf: `generate` with a static cache; role hf_cb: `generate_batch`. Separate processes: a crash
+    or a compiled graph pool of one does not touch the other, and each sizes its cache on a free card."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result: dict = dict(engine="transformers", transformers=transformers.__version__, device=device)
+    result: dict = dict(engine="transformers", role=args.role, transformers=transformers.__version__,
+                        device=device)
 
     def save() -> None:
-        write_json("bench_offline_hf.json", result)
+        write_json(f"bench_offline_{args.role}.json", result)
 
     config = AutoConfig.from_pretrained(model_dir)
     t0 = time.perf_counter()
@@ -312,7 +332,6 @@ def run_hf(args: argparse.Namespace, sizes: dict, cfg: dict, model_dir: str) -> 
     result["construct_s"] = time.perf_counter() - t0
     model.generation_config.eos_token_id = None  # random weights: never stop early (ignore_eos)
     model.generation_config.pad_token_id = 0
-    n, prompt_len, out_len = sizes["a"]
     reqs = workload("a", {**sizes, "vocab_size": cfg["vocab_size"]})
     # Sampling as ours: temperature 1, top_p 1, no top_k (HF's default is 50).
     sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
@@ -321,10 +340,21 @@ def run_hf(args: argparse.Namespace, sizes: dict, cfg: dict, model_dir: str) -> 
         if not torch.isfinite(logits).all():
             raise RuntimeError("HF model with random weights gives non-finite logits")
     save()
+    if args.role == "hf":
+        result["static"] = _hf_static(model, GenerationConfig, reqs, sizes, cfg, sampling, device, save, result)
+    else:
+        result["continuous_batching"] = _hf_continuous_batching(model, GenerationConfig, reqs, sizes, cfg,
+                                                                sampling, device)
+    save()
 
-    # 1. generate, static cache, batch hf_batch: a full warm-up batch first (the first pass plans kernels
-    #    for every new KV length, and on CUDA recent transformers compile the decode step for a static
-    #    cache), then hf_batches timed batches of other prompts. If compiling fails, eager instead.
+
+def _hf_static(model, generation_config_cls, reqs, sizes: dict, cfg: dict, sampling: dict, device: str,
+               save, result: dict) -> list[dict]:
+    """generate with a static cache at batch hf_batch: per variant a full warm-up batch first (the first
+    pass plans kernels for every new KV length; a compiled step compiles), then hf_batches timed batches
+    of (a)'s prompts. Variants: eager, then transformers' default, which on CUDA compiles the decode step
+    of a static cache (recent versions); each is saved before the next starts."""
+    n, prompt_len, out_len = sizes["a"]
     batch, batches = sizes["hf_batch"], sizes["hf_batches"]
     gen = dict(max_new_tokens=out_len, min_new_tokens=out_len, cache_implementation="static",
                pad_token_id=0, eos_token_id=None, **sampling)
@@ -334,11 +364,13 @@ def run_hf(args: argparse.Namespace, sizes: dict, cfg: dict, model_dir: str) -> 
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen, **extra)
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
-    attempts = [{}]
-    if hasattr(GenerationConfig(), "disable_compile"):
-        attempts.append(dict(disable_compile=True))
-    errors = []
-    for extra in attempts:
+    can_disable = hasattr(generation_config_cls(), "disable_compile")
+    variants = [("eager", dict(disable_compile=True))] if can_disable else []
+    if device == "cuda" or not can_disable:  # on the CPU the default is eager too
+        variants.append(("default", {}))
+    runs: list[dict] = []
+    result["static"] = runs
+    for name, extra in variants:
         try:
             t = time.perf_counter()
             static_batch(random_prompts(batch, prompt_len, cfg["vocab_size"], seed=12), **extra)
@@ -351,26 +383,18 @@ def run_hf(args: argparse.Namespace, sizes: dict, cfg: dict, model_dir: str) -> 
             sync(device)
             wall = time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - reported in the table, never replaced by a number
-            errors.append(f"{extra or 'default'}: {type(e).__name__}: {str(e)[:300]}")
-            print(f"HF generate static ({extra or 'default'}) failed: {errors[-1]}", flush=True)
+            runs.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(f"HF generate static ({name}) failed: {runs[-1]['error']}", flush=True)
+            save()
             continue
-        compiled = not extra and getattr(model, "_compiled_call", None) is not None
-        result["static"] = dict(batch=batch, batches=batches, output_tokens=generated, wall_s=wall,
-                                output_tok_s=generated / wall, warmup_s=warm_s, compiled=compiled,
-                                prompt_tokens=batches * batch * prompt_len, earlier_errors=errors)
-        print(f"HF generate static batch {batch} ({'compiled' if compiled else 'eager'}): "
-              f"{generated / wall:.0f} output tok/s (warm-up {warm_s:.0f} s)", flush=True)
-        break
-    else:
-        result["static"] = dict(error="; ".join(errors))
-    save()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-    # 2. continuous batching, where this transformers has it.
-    result["continuous_batching"] = _hf_continuous_batching(model, GenerationConfig, reqs, sizes, cfg, sampling,
-                                                            device)
-    save()
+        compiled = name == "default" and getattr(model, "_compiled_call", None) is not None
+        runs.append(dict(variant="compiled" if compiled else name, batch=batch, batches=batches,
+                         output_tokens=generated, wall_s=wall, output_tok_s=generated / wall, warmup_s=warm_s,
+                         prompt_tokens=batches * batch * prompt_len))
+        print(f"HF generate static batch {batch} ({runs[-1]['variant']}): {generated / wall:.0f} output tok/s "
+              f"(warm-up {warm_s:.0f} s)", flush=True)
+        save()
+    return runs
 
 
 def _hf_model(auto_cls, config, device: str):
@@ -474,73 +498,90 @@ def run_child(role: str, args: argparse.Namespace, timeout: int) -> dict:
     return dict(status=status, seconds=time.time() - t)
 
 
-def merge(ours: dict | None, hf: dict | None, run_info: dict) -> None:
-    rows = []
-    card = (ours or hf or {}).get("card", "unknown")
-    hf_best = None
-    if hf:
-        candidates = []
-        static = hf.get("static", {})
-        for key, label in (("static", f"HF generate, static cache, batch {static.get('batch', '')}"
-                                      f"{', compiled' if static.get('compiled') else ''}"),
-                           ("continuous_batching", "HF generate_batch (continuous batching)")):
-            r = hf.get(key)
-            if r is None:
-                continue
-            if "error" in r:
-                rows.append(dict(workload="a", engine=label, note=r["error"]))
-                continue
-            row = dict(workload="a", engine=label, requests=r.get("requests", r.get("batch", 0) * r.get("batches", 0)),
-                       wall_s=f"{r.get('span_s') or r['wall_s']:.1f}", output_tok_s=f"{r['output_tok_s']:.0f}",
-                       note=r.get("note", ""))
-            rows.append(row)
-            candidates.append((r["output_tok_s"], label))
-        if candidates:
-            hf_best = max(candidates)
-    if ours:
-        for name, w in ours.get("workloads", {}).items():
-            row = dict(workload=name, engine="pagedinfer", requests=w["requests"], wall_s=f"{w['wall_s']:.1f}",
-                       output_tok_s=f"{w['output_tok_s']:.0f}", total_tok_s=f"{w['total_tok_s']:.0f}")
-            if "ideal_s" in w:
-                w["of_roofline"] = w["ideal_s"] / w["wall_s"]
-                row.update(ideal_s=f"{w['ideal_s']:.2f}", ideal_output_tok_s=f"{w['ideal_output_tok_s']:.0f}",
-                           of_roofline=f"{w['of_roofline']:.2f}")
-                if w["of_roofline"] > 1:  # faster than ideal: the measured rates are below what the model got
-                    row["note"] = "above the roofline: its rates were under-measured"
-            if name == "a" and hf_best:
-                w["vs_hf_best"] = w["output_tok_s"] / hf_best[0]
-                w["hf_best"] = dict(output_tok_s=hf_best[0], engine=hf_best[1])
-                row["vs_hf_best"] = f"{w['vs_hf_best']:.2f}x"
-            if w.get("preemptions"):
-                row["note"] = " ".join(filter(None, [row.get("note"), f"{w['preemptions']} preemptions"]))
-            rows.append(row)
+ROLES = ("ours", "hf", "hf_cb")  # children: our engine; HF generate (static cache); HF generate_batch
+ONLY = {"all": ROLES, "ours": ("ours",), "hf": ("hf", "hf_cb"), "hf_static": ("hf",), "hf_cb": ("hf_cb",)}
+
+
+def merge(parts: dict[str, dict], run_info: dict) -> None:
+    """The table and bench_offline.json from the children's results (role -> its JSON)."""
+    ours, rows, candidates = parts.get("ours"), [], []
+    card = next((p["card"] for p in parts.values() if "card" in p), "unknown")
+    hf_runs = [(f"HF generate, static cache, batch {r.get('batch', FULL['hf_batch'])}, {r['variant']}", r)
+               for r in parts.get("hf", {}).get("static", [])]
+    if "continuous_batching" in parts.get("hf_cb", {}):
+        hf_runs.append(("HF generate_batch (continuous batching)", parts["hf_cb"]["continuous_batching"]))
+    for label, r in hf_runs:
+        if "error" in r:
+            rows.append(dict(workload="a", engine=label, note=r["error"]))
+            continue
+        requests = r.get("requests") or r["batch"] * r["batches"]
+        seconds = r.get("span_s") or r["wall_s"]  # generate_batch: its span without the manager's setup
+        notes = [r.get("note", "")]
+        if r.get("span_s", 0) is None:
+            notes.append("whole call timed, setup included")
+        rows.append(dict(workload="a", engine=label, requests=requests, wall_s=f"{seconds:.1f}",
+                         output_tok_s=f"{r['output_tok_s']:.0f}",
+                         total_tok_s=f"{(r['prompt_tokens'] + r['output_tokens']) / seconds:.0f}",
+                         note="; ".join(filter(None, notes))))
+        candidates.append((r["output_tok_s"], label))
+    hf_best = max(candidates) if candidates else None
+    for name, w in (ours or {}).get("workloads", {}).items():
+        if "error" in w:
+            rows.append(dict(workload=name, engine="pagedinfer", note=w["error"]))
+            continue
+        row = dict(workload=name, engine="pagedinfer", requests=w["requests"], wall_s=f"{w['wall_s']:.1f}",
+                   output_tok_s=f"{w['output_tok_s']:.0f}", total_tok_s=f"{w['total_tok_s']:.0f}")
+        notes = []
+        if "ideal_s" in w:
+            w["of_roofline"] = w["ideal_s"] / w["wall_s"]
+            row.update(ideal_s=f"{w['ideal_s']:.2f}", ideal_output_tok_s=f"{w['ideal_output_tok_s']:.0f}",
+                       of_roofline=f"{w['of_roofline']:.2f}")
+            if w["of_roofline"] > 1:  # faster than ideal: the measured rates are below what the model got
+                notes.append("above the roofline: its rates were under-measured")
+        if name == "a" and hf_best:
+            w["vs_hf_best"] = w["output_tok_s"] / hf_best[0]
+            row["vs_hf_best"] = f"{w['vs_hf_best']:.2f}x"
+        if w.get("preemptions"):
+            notes.append(f"{w['preemptions']} preemptions")
+        row["note"] = "; ".join(notes)
+        rows.append(row)
     print(f"\n{card}")
+    for role in ROLES:  # a child that failed or ran out of time explains its missing rows
+        status = run_info.get(role, {}).get("status")
+        if status not in (None, "ok"):
+            print(f"[{role}] {status}: its rows are missing or partial")
     print_table(rows, ["workload", "engine", "requests", "wall_s", "output_tok_s", "total_tok_s", "ideal_s",
                        "ideal_output_tok_s", "of_roofline", "vs_hf_best", "note"])
     if ours and "construct_s" in ours:
         print(f"startup (pagedinfer, fresh process): imports {ours['process_start_to_imports_done_s']:.1f} s, "
-              f"LLM(...) {ours['construct_s']:.2f} s, first token of a 16-token request {ours['first_token_s']:.2f} s"
-              f" -> {ours['startup_s']:.2f} s from construction to first token")
+              f"LLM(...) {ours['construct_s']:.2f} s, first token of a 16-token request "
+              f"{ours['first_token_s']:.2f} s -> {ours['startup_s']:.2f} s from construction to first token")
     if ours and "rates" in ours:
         r = ours["rates"]
         print(f"roofline inputs: GEMM {r['gemm_tflops']:.4g} TFLOP/s (best of {r['gemm_tflops_by_shape']}), "
               f"read {r['read_gbps']:.4g} GB/s ({r['read_method']}, {r['read_bytes'] / 2**30:.2f} GiB); "
               f"token budget {ours['max_num_batched_tokens']}, max_num_seqs {ours['max_num_seqs']}")
-    if hf:
-        print(f"transformers {hf.get('transformers')}; HF model built in {hf.get('construct_s', float('nan')):.1f} s")
-    payload = dict(run=run_info, ours=ours, hf=hf, hf_best=hf_best and dict(output_tok_s=hf_best[0], engine=hf_best[1]))
+    elif ours and "rates_error" in ours:
+        print(f"roofline rates not measured: {ours['rates_error']}")
+    for role in ("hf", "hf_cb"):
+        if role in parts:
+            print(f"{role}: transformers {parts[role].get('transformers')}, model built in "
+                  f"{parts[role].get('construct_s', float('nan')):.1f} s")
+    payload = dict(run=run_info, parts=parts,
+                   hf_best=hf_best and dict(output_tok_s=hf_best[0], engine=hf_best[1]))
     print("wrote", write_json("bench_offline.json", payload, card=card))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["ours", "hf", "all"], default="all")
+    parser.add_argument("--only", choices=list(ONLY), default="all",
+                        help="which children run: ours, hf (static and continuous batching), or one HF mode")
     parser.add_argument("--workload", choices=["a", "b", "both"], default="both",
                         help="ours only: HF runs (a)'s shapes")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on whatever device there is")
     parser.add_argument("--enforce-eager", action="store_true", help="pass enforce_eager=True to LLM")
-    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge bench_offline_{ours,hf}.json files")
-    parser.add_argument("--role", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge bench_offline_<role>.json files")
+    parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, default=_PROCESS_START, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.workloads = ["a", "b"] if args.workload == "both" else [args.workload]
@@ -552,8 +593,8 @@ def main() -> None:
         for path in args.merge:
             with open(path) as f:
                 part = json.load(f)
-            parts["ours" if part.get("engine") == "pagedinfer" else "hf"] = part
-        merge(parts.get("ours"), parts.get("hf"), dict(merged_from=args.merge))
+            parts["ours" if part.get("engine") == "pagedinfer" else part.get("role", "hf")] = part
+        merge(parts, dict(merged_from=args.merge))
         return
     if args.role:
         with tempfile.TemporaryDirectory() as model_dir:
@@ -562,21 +603,20 @@ def main() -> None:
             (run_ours if args.role == "ours" else run_hf)(args, sizes, cfg, model_dir)
         return
 
-    # The parent touches no CUDA: each engine gets the whole card in its own process, HF after ours.
-    run_info = dict(smoke=args.smoke, only=args.only, workloads=args.workloads, config=cfg,
-                    sizes={k: v for k, v in sizes.items()}, started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    paths = {role: os.path.join(out_dir(), f"bench_offline_{role}.json") for role in ("ours", "hf")}
-    for role in ("ours", "hf"):
-        if args.only in (role, "all"):
-            if os.path.exists(paths[role]):
-                os.remove(paths[role])  # a stale result must not be merged as this run's
-            run_info[role] = run_child(role, args, sizes[f"{role}_timeout"])
+    # The parent touches no CUDA: each child gets the whole card in its own process, one after another.
+    run_info = dict(smoke=args.smoke, only=args.only, workloads=args.workloads, config=cfg, sizes=sizes,
+                    started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    paths = {role: os.path.join(out_dir(), f"bench_offline_{role}.json") for role in ROLES}
+    for role in ONLY[args.only]:
+        if os.path.exists(paths[role]):
+            os.remove(paths[role])  # a stale result must not be merged as this run's
+        run_info[role] = run_child(role, args, sizes[f"{role}_timeout"])
     parts = {}
     for role, path in paths.items():
         if os.path.exists(path):  # --only hf still merges ours from an earlier stage in this $OUT
             with open(path) as f:
                 parts[role] = json.load(f)
-    merge(parts.get("ours"), parts.get("hf"), run_info)
+    merge(parts, run_info)
 
 
 if __name__ == "__main__":

@@ -66,8 +66,9 @@ stage_kernels() {
 }
 
 # End to end (bench/bench_offline.py), in two stages so each fits one command: e2e runs ours (startup,
-# workloads a and b, roofline rates) and writes $OUT/bench_offline_ours.json; e2e_hf runs the HF baseline
-# in its own process and merges with ours when both are in $OUT (else: bench_offline.py --merge).
+# workloads a and b, roofline rates) and writes $OUT/bench_offline_ours.json; e2e_hf runs the HF
+# baselines (static-cache generate, then generate_batch, each in its own process) and merges with ours
+# when both are in $OUT (else: bench_offline.py --merge on the JSON files).
 stage_e2e() {
   $PY bench/bench_offline.py --only ours 2>&1 | tee -a "$LOG"
 }
