@@ -42,7 +42,7 @@ _PROCESS_START = time.time()  # before torch: a child reports its import time
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import card_name, out_dir, print_table, time_interleaved, write_json  # noqa: E402
+from common import out_dir, print_table, time_interleaved, write_json  # noqa: E402
 
 LLAMA_3_1_8B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
