@@ -29,7 +29,8 @@ def byte_symbols() -> list[str]:
     """The character byte-level BPE (GPT-2's scheme, what the ByteLevel pre-tokenizer and decoder use)
     writes for each byte: printable bytes stand for themselves, the others get U+0100, U+0101, ... in
     byte order."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
     symbols, num_remapped = [], 0
     for byte in range(256):
         if byte in printable:

@@ -20,7 +20,8 @@ from pagedinfer.tokenizer import has_tokenizer_files
 from tests.engine.utils import hf_greedy
 from tests.models.utils import load_hf
 
-TEXTS = ["The quick brown fox", "Ça coûte 5 € à Zürich", "日本語のテキスト 🦊", "tabs\tand\nnewlines \x00 nul"]
+TEXTS = ["The quick brown fox", "Ça coûte 5 € à Zürich", "日本語のテキスト 🦊",
+         "tabs\tand\nnewlines \x00 nul"]
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------------

@@ -89,8 +89,9 @@ def num_gpu_kv_blocks(profile: MemoryProfile, config: EngineConfig, graph_reserv
     tokens = num_blocks * cache.block_size
     logger.info(
         "KV cache: %d blocks of %d tokens (%.2f GiB); memory: weights %.2f GiB, activation peak %.2f GiB, "
-        "CUDA graph reserve %.2f GiB, other in use (CUDA context, other processes) %.2f GiB, of %.2f GiB "
-        "allowed (gpu_memory_utilization %s x %.2f GiB); maximum concurrency at max_model_len %d: %.2fx",
+        "CUDA graph reserve %.2f GiB, other in use (CUDA context, buffers, other processes) %.2f GiB, "
+        "of %.2f GiB allowed (gpu_memory_utilization %s x %.2f GiB); maximum concurrency at max_model_len "
+        "%d: %.2fx",
         num_blocks, cache.block_size, num_blocks * block_bytes / _GIB, profile.weights_bytes / _GIB,
         profile.activation_peak_bytes / _GIB, graph_reserve_bytes / _GIB,
         (profile.in_use_bytes - profile.weights_bytes) / _GIB,
