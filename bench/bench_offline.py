@@ -485,6 +485,14 @@ def _hf_continuous_batching(model, generation_config_cls, reqs, sizes: dict, cfg
 # ---------------------------------------------------------------- parent: children, merge, table
 
 def run_child(role: str, args: argparse.Namespace, timeout: int) -> dict:
+    """Runs one child; its time limit is its own, cut to what is left before $BENCH_DEADLINE (epoch
+    seconds, set by gpu_check.sh so that a whole device command stays inside its 10 minutes), less a
+    margin for the merge."""
+    left = float(os.environ.get("BENCH_DEADLINE", "inf")) - time.time() - 20
+    if left < 60:
+        print(f"[{role}] skipped: {max(left, 0):.0f} s left before BENCH_DEADLINE", flush=True)
+        return dict(status=f"skipped, {max(left, 0):.0f} s left before BENCH_DEADLINE", seconds=0)
+    timeout = int(min(timeout, left))
     cmd = [sys.executable, __file__, "--role", role, "--spawned-at", repr(time.time()),
            "--workload", args.workload] + (["--smoke"] if args.smoke else []) + \
           (["--enforce-eager"] if args.enforce_eager else [])

@@ -68,12 +68,17 @@ stage_kernels() {
 # End to end (bench/bench_offline.py), in two stages so each fits one command: e2e runs ours (startup,
 # workloads a and b, roofline rates) and writes $OUT/bench_offline_ours.json; e2e_hf runs the HF
 # baselines (static-cache generate, then generate_batch, each in its own process) and merges with ours
-# when both are in $OUT (else: bench_offline.py --merge on the JSON files).
+# when both are in $OUT (else: bench_offline.py --merge on the JSON files). Their children are cut
+# short (each reported so) to end 570 s after this script started, whatever stages ran before.
+e2e_deadline() { export BENCH_DEADLINE=${BENCH_DEADLINE:-$(( $(date +%s) - SECONDS + 570 ))}; }
+
 stage_e2e() {
+  e2e_deadline
   $PY bench/bench_offline.py --only ours 2>&1 | tee -a "$LOG"
 }
 
 stage_e2e_hf() {
+  e2e_deadline
   $PY bench/bench_offline.py --only hf 2>&1 | tee -a "$LOG"
 }
 
