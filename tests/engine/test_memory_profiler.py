@@ -15,8 +15,9 @@ import torch
 from pagedinfer import LLM, SamplingParams
 from pagedinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pagedinfer.worker.cache_engine import kv_block_bytes
+from pagedinfer.models.loader import load_model
 from pagedinfer.worker.memory_profiler import (MemoryProfile, graph_pool_reserve_bytes, kv_cache_bytes,
-                                               num_gpu_kv_blocks, profile_sequence_lengths)
+                                               num_gpu_kv_blocks, profile_sequence_lengths, run_largest_step)
 
 _GIB = 1 << 30
 
@@ -85,6 +86,14 @@ def test_graph_reserve_grows_with_the_batch(tmp_path: Path) -> None:
     model = _config(tmp_path).model
     small, large = graph_pool_reserve_bytes(model, 8), graph_pool_reserve_bytes(model, 256)
     assert 256 << 20 < small < large < 2 * _GIB
+
+
+def test_the_profiled_step_runs(tiny_model: Path) -> None:
+    """On the CPU too: 300 tokens in three prompts of 100 (max_model_len 128), then 8 sampled rows."""
+    config = EngineConfig.create(str(tiny_model), device="cpu", dtype="float32", max_num_batched_tokens=300,
+                                 max_model_len=128, max_num_seqs=8, block_size=4)
+    model = load_model(config.model, "cpu")
+    assert run_largest_step(model, config, workspace=None) == (300, 8)
 
 
 # ---- on CUDA ---------------------------------------------------------------------------------------

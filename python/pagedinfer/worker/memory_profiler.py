@@ -110,7 +110,7 @@ def profile_gpu_memory(model: nn.Module, config: EngineConfig, weights_bytes: in
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    _run_largest_step(model, config, workspace)
+    run_largest_step(model, config, workspace)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     # The step's blocks go back to the card: what stays in use is the model's and everyone else's.
@@ -120,7 +120,9 @@ def profile_gpu_memory(model: nn.Module, config: EngineConfig, weights_bytes: in
                          activation_peak_bytes=peak)
 
 
-def _run_largest_step(model: nn.Module, config: EngineConfig, workspace: torch.Tensor | None) -> None:
+def run_largest_step(model: nn.Module, config: EngineConfig, workspace: torch.Tensor | None
+                     ) -> tuple[int, int]:
+    """The profiled step (module docstring), on any device. Returns (tokens computed, rows sampled)."""
     model_config, scheduler, block_size = config.model, config.scheduler, config.cache.block_size
     device = config.device
     lengths = profile_sequence_lengths(scheduler.max_num_batched_tokens, model_config.max_model_len,
@@ -147,4 +149,5 @@ def _run_largest_step(model: nn.Module, config: EngineConfig, workspace: torch.T
     batch = SamplingBatch.build(params=[params] * rows, seeds=list(range(rows)), offsets=[0] * rows,
                                 prompt_ids=history, output_ids=history, banned=[[0]] * rows,
                                 vocab_size=model_config.vocab_size, device=device)
-    Sampler()(logits, batch)
+    sampled = Sampler()(logits, batch)
+    return num_tokens, sampled.token_ids.shape[0]
