@@ -247,7 +247,7 @@ def _greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
 
 
-def _assert_same_greedy_run(graphs, eager, exact: bool, tolerance: float) -> None:
+def _assert_same_greedy_run(graphs, eager, exact: bool, tolerance: tuple[float, float]) -> None:
     """Tokens and the logprobs of the top 3 at each position. `exact`: every token equal. Otherwise
     (bf16, where a padded GEMM may round differently) the runs may part where two tokens are nearly
     tied: each run's token is then among the other's top 3 and comparison stops there."""
@@ -260,13 +260,15 @@ def _assert_same_greedy_run(graphs, eager, exact: bool, tolerance: float) -> Non
                 assert token_a in logprobs_b and token_b in logprobs_a
                 break
             for token in set(logprobs_a) & set(logprobs_b):
-                assert logprobs_a[token].logprob == pytest.approx(logprobs_b[token].logprob, abs=tolerance)
+                rel, abs_ = tolerance
+                assert logprobs_a[token].logprob == pytest.approx(logprobs_b[token].logprob, rel=rel, abs=abs_)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, exact, tolerance", [("float32", True, 1e-4), ("bfloat16", False, 0.25)])
+@pytest.mark.parametrize("dtype, exact, tolerance", [("float32", True, (1e-4, 1e-4)),
+                                                     ("bfloat16", False, (0.02, 0.25))])
 def test_graphs_match_eager_and_replay_every_decode_step(tiny_model: Path, dtype: str, exact: bool,
-                                                         tolerance: float) -> None:
+                                                         tolerance: tuple[float, float]) -> None:
     """17 requests finishing at different lengths: the batch shrinks through sizes between the
     captured ones (17 -> 24, 5 -> 8, 3 -> 4). Every decode step replays a graph."""
     prompts = [torch.randint(2, 320, (n,)).tolist() for n in [3, 9, 2, 14, 5, 7, 11, 4, 6, 13, 8, 10, 3, 12,
