@@ -38,6 +38,11 @@ def test_capture_batch_sizes_of_the_default_max_num_seqs() -> None:
     assert all(b - a == 8 for a, b in zip(sizes[3:], sizes[4:]))
 
 
+def test_capture_stops_at_512() -> None:
+    sizes = capture_batch_sizes(1000)
+    assert sizes[-1] == 512 and len(sizes) == 67
+
+
 def test_capture_batch_sizes_refuses_no_sequences() -> None:
     with pytest.raises(ValueError, match="max_num_seqs"):
         capture_batch_sizes(0)

@@ -29,8 +29,10 @@ class LLM:
     preemption_mode: when the KV cache is full, "recompute" (the default) drops a preempted request's
     KV to compute it again; "swap" moves it to a CPU swap space of swap_space GiB and back.
     On CUDA, decode steps replay CUDA graphs captured at load for batch sizes 1, 2, 4, 8, 16, ... up
-    to max_num_seqs; enforce_eager=True runs every step eagerly instead (no capture, no graph memory).
-    skip_tokenizer_init=True loads no tokenizer: prompts must be token ids, outputs have no text.
+    to max_num_seqs (512 at most; larger batches run eagerly); enforce_eager=True runs every step
+    eagerly instead (no capture, no graph memory). A model folder without tokenizer files gets a
+    synthetic byte-level tokenizer of the model's vocabulary (with a warning); skip_tokenizer_init=True
+    loads no tokenizer: prompts must be token ids, outputs have no text.
     """
 
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, dtype: str = "auto",

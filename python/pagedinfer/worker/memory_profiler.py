@@ -44,15 +44,15 @@ def profile_sequence_lengths(max_num_batched_tokens: int, max_model_len: int, ma
     return [base + 1] * extra + [base] * (num_seqs - extra)
 
 
-def graph_pool_reserve_bytes(model: ModelConfig, max_num_seqs: int) -> int:
+def graph_pool_reserve_bytes(model: ModelConfig, max_batch_size: int) -> int:
     """What the CUDA graphs of decode steps are expected to take (captured after the cache exists, so
     it is reserved in advance; the real size is logged after capture): twice the intermediates of a
-    layer for max_num_seqs tokens (the widest being gate|up and what feeds and leaves it), plus a fixed
-    allowance."""
+    layer for the largest captured batch (the widest being gate|up and what feeds and leaves it), plus
+    a fixed allowance."""
     itemsize = torch.empty((), dtype=model.dtype).element_size()
     q_and_kv = (model.num_attention_heads + 2 * model.num_key_value_heads) * model.head_dim
     per_token = (3 * model.intermediate_size + q_and_kv + 4 * model.hidden_size) * itemsize
-    return 2 * max_num_seqs * per_token + _GRAPH_POOL_FIXED_BYTES
+    return 2 * max_batch_size * per_token + _GRAPH_POOL_FIXED_BYTES
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ class ModelRunner:
         use_graphs = on_cuda and not config.enforce_eager
         # Sized after loading: on CUDA the cache takes what the weights, a step's peak and the graphs
         # (captured later: they need the cache) leave.
-        graph_reserve = graph_pool_reserve_bytes(model_config, scheduler.max_num_seqs) if use_graphs else 0
+        capture_sizes = capture_batch_sizes(scheduler.max_num_seqs)
+        graph_reserve = graph_pool_reserve_bytes(model_config, capture_sizes[-1]) if use_graphs else 0
         profiled = on_cuda and cache_config.num_gpu_blocks is None
         if profiled:
             profile = profile_gpu_memory(self.model, config, weights_bytes, self.workspace)
@@ -111,9 +112,9 @@ class ModelRunner:
         self.prompt_logprobs_rows = scheduler.max_num_seqs
         self.decode_graphs: Optional[DecodeGraphs] = None
         if use_graphs:
-            buffers = DecodeInputBuffers(scheduler.max_num_seqs, max_blocks_per_seq, config.device)
+            buffers = DecodeInputBuffers(capture_sizes[-1], max_blocks_per_seq, config.device)
             self.decode_graphs = DecodeGraphs(self.model, self.cache.kv_caches, buffers, self.workspace,
-                                              capture_batch_sizes(scheduler.max_num_seqs))
+                                              capture_sizes)
             if profiled and self.decode_graphs.pool_bytes > graph_reserve:
                 logger.warning("the CUDA graphs took %.1f MiB, more than the %.1f MiB reserved for them: "
                                "lower gpu_memory_utilization if memory runs out",
