@@ -4,12 +4,19 @@
 // lets every K/V tile, read once from the paged cache into shared memory, serve all heads of the group
 // and 128 / group tokens at once (Llama-3 8B: 32 tokens x 4 heads).
 //
-// Per CTA: 8 warps, warp w owns rows 16w .. 16w+15 (the M = 16 of mma.sync m16n8k16). Keys stream in tiles
-// of 64 through a 3-stage cp.async ring shared by all warps (one __syncthreads per tile). Per tile and warp:
-//   S[16 rows x 64 keys] = Q·K^T      (Q fragments in registers for the whole CTA; K by ldmatrix)
+// Two shapes of the same CTA (kMTiles, picked by the launcher):
+//   kMTiles 1: 8 warps x 16 rows, Q fragments in registers, a 3-stage K/V ring; ~225 registers a thread
+//              for head 128, so one CTA per SM.
+//   kMTiles 2: 4 warps x 32 rows (two m16 tiles each; FlashAttention-2's shape), Q in shared memory and
+//              re-read per k-step, a 2-stage ring; two CTAs per SM, so one CTA's prologue, barrier waits
+//              and epilogue hide behind the other's math, and each K/V fragment read from shared memory
+//              feeds two MMAs instead of one (0.31 instead of 0.5 ldmatrix per MMA).
+// Keys stream in tiles of 64 through a cp.async ring shared by all warps (one __syncthreads per tile).
+// Per tile and warp:
+//   S[rows x 64 keys] = Q·K^T         (K by ldmatrix)
 //   causal / window mask, only on tiles that cut through some row's visible range
 //   online softmax in registers       (the C fragment of S is re-packed as the A fragment of P)
-//   O[16 rows x D] += P·V             (V by ldmatrix.trans)
+//   O[rows x D] += P·V                (V by ldmatrix.trans)
 // Tiles no row of the CTA can see (after the diagonal, before every row's window) are never loaded; tiles
 // no row of one warp can see are skipped by that warp. Each warp normalizes and writes its own rows.
 //
@@ -25,26 +32,38 @@
 
 namespace pagedinfer::attention {
 
-template <typename T, int kHeadSize>
+template <typename T, int kHeadSize, int kMTiles>
 struct MmaPrefillConfig {
   static_assert(kHeadSize == 64 || kHeadSize == 128, "the tensor-core path is specialized for 64 and 128");
-  static constexpr int kWarps = 8;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kWarpRows = 16;                 // the M of mma.sync
+  static_assert(kMTiles == 1 || kMTiles == 2, "16 or 32 rows per warp");
+  static constexpr int kWarpRows = 16 * kMTiles;       // m16 tiles of mma.sync per warp
   // 128 rows per CTA: each K/V byte brought into shared memory feeds 128 rows of math. With 64 rows the
   // L2 -> SM traffic of a long causal prefill would approach the L2 bandwidth at the target FLOP rate.
-  static constexpr int kRows = kWarps * kWarpRows;
-  static constexpr int kTileKeys = 64;                 // keys per tile: the N of Q·K^T, the K of P·V
-  static constexpr int kStages = 3;                    // 2 tiles in flight while the warps compute 1
-  static constexpr int kChunks = kHeadSize / 8;        // 16-byte chunks per K/V row
+  static constexpr int kRows = 128;
+  static constexpr int kWarps = kRows / kWarpRows;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kTileKeys = 64;                 // keys per tile of the ring (one barrier each)
+  // Keys per online-softmax step (the N of Q·K^T, the K of P·V): S of a warp lives in registers from Q·K^T
+  // to P·V, and 32 rows x 64 keys of it beside a 32 x 128 O would spill; 32 keys keep it in 255 registers.
+  static constexpr int kStepKeys = kMTiles > 1 ? 32 : 64;
+  static constexpr int kSteps = kTileKeys / kStepKeys;
+  // Q in shared memory when a warp's Q fragments would not fit in registers beside O and S.
+  static constexpr bool kQInSmem = kMTiles > 1;
+  // Tiles in the ring: kStages - 1 in flight while the warps compute one. Two CTAs per SM (kMTiles 2)
+  // leave room for 2 stages only; the other CTA covers the latency a third would hide.
+  static constexpr int kStages = kMTiles > 1 ? 2 : 3;
+  static constexpr int kChunks = kHeadSize / 8;        // 16-byte chunks per K/V (or Q) row
   static constexpr int kLoadPasses = kTileKeys * kChunks / kThreads;
   static_assert(kTileKeys * kChunks % kThreads == 0, "every thread copies the same number of chunks");
+  static constexpr int kQPasses = kRows * kChunks / kThreads;
   static constexpr int kTileElems = kTileKeys * kHeadSize;
   static constexpr int kStageElems = 2 * kTileElems;   // K tile, then V tile
-  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T));  // 96 KB (head 128), 48 KB (64)
-  // Head 128 needs ~230 registers a thread (Q, O and S fragments): one CTA per SM. Head 64 fits in 128, so
-  // two CTAs share an SM and one's barrier waits and epilogue hide behind the other's math.
-  static constexpr int kMinCtasPerSm = kHeadSize == 64 ? 2 : 1;
+  static constexpr int kQElems = kQInSmem ? kRows * kHeadSize : 0;
+  // kMTiles 1: 96 KB (head 128), 48 KB (64). kMTiles 2: 96 KB, 48 KB (Q 32 KB / 16 KB of it).
+  static constexpr int kSmemBytes = (kStages * kStageElems + kQElems) * int(sizeof(T));
+  // kMTiles 1: ~215 registers for head 128 (Q, O and S fragments), one CTA per SM (head 64 would need 128
+  // registers for two and spill). kMTiles 2: at most 255 registers, two CTAs per SM (shared memory 2 x 96 KB).
+  static constexpr int kMinCtasPerSm = kMTiles > 1 ? 2 : 1;
 };
 
 // Number of row tiles a sequence of q_len new tokens needs (host and device agree on it).
@@ -54,17 +73,19 @@ __host__ __device__ constexpr int64_t prefill_row_tiles(int64_t q_len, int64_t g
 
 // kBlockSize: 16 or 32 (compile time: the block of a key is a shift away), or 0 (any block size).
 // row_tiles: prefill_row_tiles(max_query_len, group, kRows), from host ints only (CUDA-graph safe).
-template <typename T, int kHeadSize, int kBlockSize>
-__global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize>::kThreads, MmaPrefillConfig<T, kHeadSize>::kMinCtasPerSm)
+template <typename T, int kHeadSize, int kBlockSize, int kMTiles>
+__global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize, kMTiles>::kThreads,
+                                  MmaPrefillConfig<T, kHeadSize, kMTiles>::kMinCtasPerSm)
     mma_prefill_attention_kernel(const PagedAttentionParams p, const int row_tiles) {
-  using Cfg = MmaPrefillConfig<T, kHeadSize>;
+  using Cfg = MmaPrefillConfig<T, kHeadSize, kMTiles>;
   constexpr int kKSteps = kHeadSize / 16;             // k-steps of Q·K^T
   constexpr int kOutTiles = kHeadSize / 8;            // n-tiles of P·V
-  constexpr int kKeyTiles = Cfg::kTileKeys / 8;       // n-tiles of S
-  constexpr int kPSteps = Cfg::kTileKeys / 16;        // k-steps of P·V
+  constexpr int kKeyTiles = Cfg::kStepKeys / 8;      // n-tiles of S
+  constexpr int kPSteps = Cfg::kStepKeys / 16;        // k-steps of P·V
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* ring = reinterpret_cast<T*>(smem);
+  T* q_smem = ring + Cfg::kStages * Cfg::kStageElems;  // [kRows][kHeadSize], swizzled (kQInSmem only)
 
   // ---- which rows this CTA serves -------------------------------------------------------------------------
   // Row tiles fastest and in reverse: the CTAs of one (sequence, kv head) run side by side (their K/V stays
@@ -86,10 +107,14 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize>::kThreads, MmaP
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;  // fragment coordinates: row group and thread-in-group
-  // (token, head) of flat row r of this CTA: query row / out row index and its query head.
+  // Flat row r of this CTA is (token q_start + (row0 + r) / group, head (row0 + r) % group of the group).
   auto out_offset = [&](int r) -> int64_t {
     const int fr = row0 + r;
     return (int64_t(q_start + fr / group) * p.num_heads + kv_head * group + fr % group) * kHeadSize;
+  };
+  auto query_offset = [&](int r) -> int64_t {
+    const int fr = row0 + r;
+    return int64_t(q_start + fr / group) * p.q_row_stride + int64_t(kv_head * group + fr % group) * kHeadSize;
   };
 
   if (seq_len <= 0) {  // padded row: zeros, 16 bytes per store
@@ -108,13 +133,12 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize>::kThreads, MmaP
   const int window = p.sliding_window;
   const int table_keys = p.max_blocks_per_seq * p.block_size;  // < 2^31: checked on the host
   auto first_key = [&](int pos) { return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0; };
-  auto end_key = [&](int pos) { return pos + 1 < table_keys ? pos + 1 : table_keys; };
 
   // Keys the CTA loads: the union of its rows' ranges (positions grow with the row index).
   const int cta_pos_lo = context + row0 / group;
   const int cta_pos_hi = context + (row0 + cta_rows - 1) / group;
   const int key_begin = first_key(cta_pos_lo);
-  const int key_end = end_key(cta_pos_hi);
+  const int key_end = cta_pos_hi + 1 < table_keys ? cta_pos_hi + 1 : table_keys;
   const int tile_first = key_begin / Cfg::kTileKeys;
   const int num_tiles = key_end > key_begin ? (key_end + Cfg::kTileKeys - 1) / Cfg::kTileKeys - tile_first : 0;
 
@@ -125,29 +149,31 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize>::kThreads, MmaP
   const int warp_pos_lo = context + (row0 + warp_row0) / group;
   const int warp_pos_hi = context + (row0 + warp_last) / group;
 
-  // Positions of this thread's two rows (g and g + 8 of the warp); -1 for rows past cta_rows: they see
-  // nothing (all masked, never written). The mask needs no table clamp: keys past key_end are zero-filled,
-  // never read, and with consistent metadata no row reaches them.
-  int row_pos[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = warp_row0 + g + 8 * h;
-    row_pos[h] = r < cta_rows ? context + (row0 + r) / group : -1;
-  }
+  // Position of this thread's row g + 8h of m16 tile mt; -1 past cta_rows: such rows see nothing (all
+  // masked, never written). Recomputed where a mask is needed (diagonal and window-edge tiles only) rather
+  // than held in registers across the loop. The mask needs no table clamp: keys past key_end are
+  // zero-filled, never read, and with consistent metadata no row reaches them.
+  auto row_position = [&](int mt, int h) {
+    const int r = warp_row0 + 16 * mt + g + 8 * h;
+    return r < cta_rows ? context + (row0 + r) / group : -1;
+  };
 
-  // ---- Q as A fragments, in registers for the whole CTA (invalid rows are zeros) ----------------------------
-  uint32_t q_frag[kKSteps][4];
-  {
-    // 16-bit loads: the query row stride need not keep pairs 4-byte aligned; read once per CTA.
+  const T* kv = static_cast<const T*>(p.kv_cache);
+  const int32_t* block_table = p.block_tables + int64_t(seq) * p.max_blocks_per_seq;
+  const int64_t token_stride = int64_t(p.num_kv_heads) * kHeadSize;
+  const int64_t head_offset = int64_t(kv_head) * kHeadSize;
+  const int block_size = kBlockSize > 0 ? kBlockSize : p.block_size;
+
+  // ---- Q: A fragments in registers (kMTiles 1), or the CTA's 128 rows in shared memory (kMTiles 2) --------
+  // Invalid rows are zeros. Registers: 16-bit loads (the query row stride need not keep pairs 4-byte
+  // aligned); read once per CTA.
+  uint32_t q_frag[Cfg::kQInSmem ? 1 : kKSteps][4];  // unused (optimized away) with Q in shared memory
+  if constexpr (!Cfg::kQInSmem) {
     const uint16_t* query = static_cast<const uint16_t*>(p.query);
-    auto q_row = [&](int r) -> const uint16_t* {
-      const int fr = row0 + r;
-      return query + int64_t(q_start + fr / group) * p.q_row_stride + int64_t(kv_head * group + fr % group) * kHeadSize;
-    };
     const int r_lo = warp_row0 + g, r_hi = r_lo + 8;
     const bool lo_ok = r_lo < cta_rows, hi_ok = r_hi < cta_rows;
-    const uint16_t* q_lo = lo_ok ? q_row(r_lo) : query;
-    const uint16_t* q_hi = hi_ok ? q_row(r_hi) : query;
+    const uint16_t* q_lo = lo_ok ? query + query_offset(r_lo) : query;
+    const uint16_t* q_hi = hi_ok ? query + query_offset(r_hi) : query;
     auto pair = [](const uint16_t* r, int col, bool ok) -> uint32_t {
       return ok ? uint32_t(r[col]) | (uint32_t(r[col + 1]) << 16) : 0u;
     };
@@ -159,120 +185,174 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize>::kThreads, MmaP
       q_frag[ks][2] = pair(q_lo, col + 8, lo_ok);
       q_frag[ks][3] = pair(q_hi, col + 8, hi_ok);
     }
+  } else {
+    // Same chunk layout as the K/V tiles. 16-byte aligned rows (the usual case: a contiguous query, or a
+    // view of a qkv row at a multiple of 8 elements) go by cp.async, in the first tile's commit group, so
+    // their latency overlaps the K/V prologue; others by 16-bit loads. The main loop's first barrier makes
+    // either visible to every warp.
+    const bool aligned = reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && p.q_row_stride % 8 == 0;
+    const T* query = static_cast<const T*>(p.query);
+#pragma unroll
+    for (int pass = 0; pass < Cfg::kQPasses; ++pass) {
+      const int c = threadIdx.x + Cfg::kThreads * pass;
+      const int r = c / Cfg::kChunks, chunk = c % Cfg::kChunks;
+      const bool valid = r < cta_rows;
+      T* dst = q_smem + swizzled<kHeadSize>(r, chunk);
+      const T* src = valid ? query + query_offset(r) + chunk * 8 : query;
+      if (aligned) {
+        cp_async_16(dst, src, valid);
+      } else {
+        const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+        uint32_t w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = valid ? uint32_t(s16[2 * i]) | (uint32_t(s16[2 * i + 1]) << 16) : 0u;
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
   }
 
-  // ---- K/V tile loads: all 256 threads, 16 bytes each per pass -----------------------------------------------
-  const T* kv = static_cast<const T*>(p.kv_cache);
-  const int32_t* block_table = p.block_tables + int64_t(seq) * p.max_blocks_per_seq;
-  const int64_t token_stride = int64_t(p.num_kv_heads) * kHeadSize;
-  const int64_t head_offset = int64_t(kv_head) * kHeadSize;
-  const int block_size = kBlockSize > 0 ? kBlockSize : p.block_size;
-
+  // ---- K/V tile loads: every thread, 16 bytes each per pass -------------------------------------------------
   // Thread i copies chunk i % kChunks of rows i / kChunks + pass * (kThreads / kChunks): the kChunks threads
   // of one row read its 16 * kChunks contiguous bytes. Keys outside [key_begin, key_end) are zero-filled
   // (cp.async src-size 0), never read: past the sequence the cache holds stale data, possibly NaN, which
   // would poison P·V even with P = 0.
+  // A pass moves the thread down kRowsPerPass rows, a multiple of 8: its swizzle (row % 8) stays the same,
+  // so every pass's shared-memory offset is the first one's plus a constant (no registers held per pass).
+  constexpr int kRowsPerPass = Cfg::kThreads / Cfg::kChunks;
+  static_assert(kRowsPerPass % 8 == 0, "the swizzle must repeat from pass to pass");
+  const int ld_row = threadIdx.x / Cfg::kChunks;
+  const int ld_chunk = threadIdx.x % Cfg::kChunks;
+  const int ld_dst = swizzled<kHeadSize>(ld_row, ld_chunk);
+  const T* k_src = kv + head_offset + ld_chunk * 8;
   auto load_tile = [&](int tile, int stage) {
-    T* k_dst = ring + stage * Cfg::kStageElems;
-    T* v_dst = k_dst + Cfg::kTileElems;
-    const int key0 = tile * Cfg::kTileKeys;
+    T* k_dst = ring + stage * Cfg::kStageElems + ld_dst;
+    const int key0 = tile * Cfg::kTileKeys + ld_row;
 #pragma unroll
     for (int pass = 0; pass < Cfg::kLoadPasses; ++pass) {
-      const int c = threadIdx.x + Cfg::kThreads * pass;
-      const int r = c / Cfg::kChunks, chunk = c % Cfg::kChunks;
-      const int key = key0 + r;
+      const int key = key0 + pass * kRowsPerPass;
       const bool valid = key >= key_begin && key < key_end;
       int64_t src = 0;
-      if (valid) src = kv_row_offset(block_table, key, block_size, token_stride, head_offset) + chunk * 8;
-      const int dst = swizzled<kHeadSize>(r, chunk);
-      cp_async_16(k_dst + dst, kv + src, valid);
-      cp_async_16(v_dst + dst, kv + p.v_offset + src, valid);
+      if (valid) src = kv_row_offset(block_table, key, block_size, token_stride, 0);
+      T* dst = k_dst + pass * kRowsPerPass * kHeadSize;
+      cp_async_16(dst, k_src + src, valid);
+      cp_async_16(dst + Cfg::kTileElems, k_src + p.v_offset + src, valid);
     }
   };
 
-  float o_acc[kOutTiles][4];  // O fragment: n-tile j holds head dims 8j .. 8j+7 of rows g and g + 8
+  float o_acc[kMTiles][kOutTiles][4];  // O fragments: n-tile j holds head dims 8j .. 8j+7 of rows g, g + 8
 #pragma unroll
-  for (int j = 0; j < kOutTiles; ++j) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // running max (base-2 units) of rows g and g + 8
-  float row_sum[2] = {0.f, 0.f};              // this thread's share of the running sums (quad-reduced at the end)
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int j = 0; j < kOutTiles; ++j) o_acc[mt][j][0] = o_acc[mt][j][1] = o_acc[mt][j][2] = o_acc[mt][j][3] = 0.f;
+  }
+  float row_max[kMTiles][2];  // running max (base-2 units) of rows g and g + 8 of each m16 tile
+  float row_sum[kMTiles][2];  // this thread's share of the running sums (quad-reduced at the end)
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
 
-  // Consumes ring slot `stage` holding `tile`, for this warp's 16 rows.
-  auto compute_tile = [&](int tile, int stage) {
-    const int key0 = tile * Cfg::kTileKeys;
-    const int key_last = key0 + Cfg::kTileKeys - 1;
+  // One online-softmax step over keys [key0, key0 + kStepKeys), whose K and V rows start at k_tile and
+  // v_tile in the ring, for this warp's rows.
+  auto compute_step = [&](int key0, const T* k_tile, const T* v_tile) {
+    const int key_last = key0 + Cfg::kStepKeys - 1;
     // Warp-uniform skip: past the warp's last diagonal, or wholly before the window of its first row.
     if (key0 > warp_pos_hi) return;
     if (window > 0 && key_last < warp_pos_lo - window + 1) return;
-    // A mask is needed only where some row's range cuts the tile: the diagonal tiles, the window's first
-    // tiles, and the CTA's zero-filled edges. Every other tile is visible to all 16 rows as is.
+    // A mask is needed only where some row's range cuts the keys: the diagonal, the window's first keys,
+    // and the CTA's zero-filled edges. Everywhere else all the warp's rows see every key as is.
+    // (Rows past cta_rows need no mask either way: their Q is zero, their scores finite, their O unwritten.)
     const bool needs_mask = key_last > warp_pos_lo || (window > 0 && key0 < warp_pos_hi - window + 1) ||
                             key0 < key_begin || key_last >= key_end;
-    // (Rows past cta_rows need no mask either way: their Q is zero, their scores finite, their O unwritten.)
-
-    const T* k_tile = ring + stage * Cfg::kStageElems;
-    const T* v_tile = k_tile + Cfg::kTileElems;
 
     // S = Q·K^T: K rows are the B operand "column-major" as stored ([key][dim]), so plain ldmatrix gives B
     // fragments. Matrices: (keys 16n..+7, chunk 2ks), (same keys, chunk 2ks+1), (keys 16n+8..+15, ...) x 2.
-    float s[kKeyTiles][4];
+    // Q from shared memory: plain ldmatrix gives A fragments, matrices (rows 0-7, chunk 2ks), (rows 8-15,
+    // chunk 2ks), (rows 0-7, chunk 2ks+1), (rows 8-15, chunk 2ks+1) of the m16 tile.
+    float s[kMTiles][kKeyTiles][4];
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+    }
     const int k_row = (lane / 16) * 8 + lane % 8;
+    const int q_row = warp_row0 + ((lane / 8) % 2) * 8 + lane % 8;
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t qa[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        if constexpr (Cfg::kQInSmem) {
+          ldmatrix_x4(qa[mt], q_smem + swizzled<kHeadSize>(q_row + 16 * mt, 2 * ks + lane / 16));
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) qa[mt][i] = q_frag[ks][i];
+        }
+      }
 #pragma unroll
       for (int n = 0; n < kKeyTiles; n += 2) {
         uint32_t kb[4];
         ldmatrix_x4(kb, k_tile + swizzled<kHeadSize>(8 * n + k_row, 2 * ks + (lane / 8) % 2));
-        mma_m16n8k16<T>(s[n], q_frag[ks], kb[0], kb[1]);
-        mma_m16n8k16<T>(s[n + 1], q_frag[ks], kb[2], kb[3]);
-      }
-    }
-
-    // Into base-2 units; keys the row may not see (after its position, before its window) to -inf.
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] *= p.scale_log2;
-    }
-    if (needs_mask) {
-#pragma unroll
-      for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key0 + 8 * n + 2 * t + (e & 1);
-          const int pos = row_pos[e / 2];
-          if (key > pos || (window > 0 && key <= pos - window)) s[n][e] = -INFINITY;
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16<T>(s[mt][n], qa[mt], kb[0], kb[1]);
+          mma_m16n8k16<T>(s[mt][n + 1], qa[mt], kb[2], kb[3]);
         }
       }
     }
 
-    // Online softmax. The thread holds columns 2t, 2t+1 of each n-tile for rows g (e = 0, 1) and g + 8
-    // (e = 2, 3); the row's 4 threads (a quad) exchange their maxima by shuffles.
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < kKeyTiles; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[h], tile_max);
-      // A row with no visible key yet keeps max -inf; subtracting 0 then keeps every exp2 at 0, not NaN.
-      const float ref = new_max == -INFINITY ? 0.f : new_max;
-      const float rescale = fast_exp2(row_max[h] - ref);
-      row_max[h] = new_max;
-      float sum = 0.f;
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      // Into base-2 units; keys the row may not see (after its position, before its window) to -inf.
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n) {
-        s[n][2 * h] = fast_exp2(s[n][2 * h] - ref);
-        s[n][2 * h + 1] = fast_exp2(s[n][2 * h + 1] - ref);
-        sum += s[n][2 * h] + s[n][2 * h + 1];
-      }
-      row_sum[h] = row_sum[h] * rescale + sum;
 #pragma unroll
-      for (int j = 0; j < kOutTiles; ++j) {
-        o_acc[j][2 * h] *= rescale;
-        o_acc[j][2 * h + 1] *= rescale;
+        for (int e = 0; e < 4; ++e) s[mt][n][e] *= p.scale_log2;
+      }
+      if (needs_mask) {
+        const int pos[2] = {row_position(mt, 0), row_position(mt, 1)};
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + 8 * n + 2 * t + (e & 1);
+            if (key > pos[e / 2] || (window > 0 && key <= pos[e / 2] - window)) s[mt][n][e] = -INFINITY;
+          }
+        }
+      }
+
+      // Online softmax. The thread holds columns 2t, 2t+1 of each n-tile for rows g (e = 0, 1) and g + 8
+      // (e = 2, 3); the row's 4 threads (a quad) exchange their maxima by shuffles.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) tile_max = fmaxf(tile_max, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float new_max = fmaxf(row_max[mt][h], tile_max);
+        // A row with no visible key yet keeps max -inf; subtracting 0 then keeps every exp2 at 0, not NaN.
+        const float ref = new_max == -INFINITY ? 0.f : new_max;
+        const float rescale = fast_exp2(row_max[mt][h] - ref);
+        row_max[mt][h] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) {
+          s[mt][n][2 * h] = fast_exp2(s[mt][n][2 * h] - ref);
+          s[mt][n][2 * h + 1] = fast_exp2(s[mt][n][2 * h + 1] - ref);
+          sum += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
+        }
+        row_sum[mt][h] = row_sum[mt][h] * rescale + sum;
+        // Rescaling O costs kOutTiles * 2 multiplies a row, as many as the step's MMAs issue; once the
+        // running maxima settle (most steps of a long row) no row of the warp needs it: a warp vote skips it.
+        if (__any_sync(0xffffffffu, rescale != 1.f)) {
+#pragma unroll
+          for (int j = 0; j < kOutTiles; ++j) {
+            o_acc[mt][j][2 * h] *= rescale;
+            o_acc[mt][j][2 * h + 1] *= rescale;
+          }
+        }
       }
     }
 
@@ -283,23 +363,32 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize>::kThreads, MmaP
     const int v_row = ((lane / 8) % 2) * 8 + lane % 8;
 #pragma unroll
     for (int kk = 0; kk < kPSteps; ++kk) {
-      const uint32_t p_frag[4] = {pack_pair<T>(s[2 * kk][0], s[2 * kk][1]), pack_pair<T>(s[2 * kk][2], s[2 * kk][3]),
-                                  pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t p_frag[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        p_frag[mt][0] = pack_pair<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        p_frag[mt][1] = pack_pair<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        p_frag[mt][2] = pack_pair<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        p_frag[mt][3] = pack_pair<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int j = 0; j < kOutTiles; j += 2) {
         uint32_t vb[4];
         ldmatrix_x4_trans(vb, v_tile + swizzled<kHeadSize>(16 * kk + v_row, j + lane / 16));
-        mma_m16n8k16<T>(o_acc[j], p_frag, vb[0], vb[1]);
-        mma_m16n8k16<T>(o_acc[j + 1], p_frag, vb[2], vb[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16<T>(o_acc[mt][j], p_frag[mt], vb[0], vb[1]);
+          mma_m16n8k16<T>(o_acc[mt][j + 1], p_frag[mt], vb[2], vb[3]);
+        }
       }
     }
   };
 
   // ---- main loop: one ring for the CTA, one barrier per tile ------------------------------------------------
-  // One commit per step, empty or not, keeps "group i = tile i", so wait_group<kStages - 2> means "tile i
-  // landed" for this thread's copies; the barrier then makes everyone's copies visible, and orders every
-  // warp's reads of the slot refilled next (it held tile i - 1) before the new copies.
+  // One commit per step, empty or not, keeps "group i = tile i" (Q's copies ride in group 0), so
+  // wait_group<kStages - 2> means "tile i landed" for this thread's copies; the barrier then makes everyone's
+  // copies visible, and orders every warp's reads of the slot refilled next (it held tile i - 1) before the
+  // new copies.
 #pragma unroll
   for (int st = 0; st < Cfg::kStages - 1; ++st) {
     if (st < num_tiles) load_tile(tile_first + st, st);
@@ -313,24 +402,37 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize>::kThreads, MmaP
     const int ahead_stage = stage == 0 ? Cfg::kStages - 1 : stage - 1;
     if (ahead < num_tiles) load_tile(tile_first + ahead, ahead_stage);
     cp_async_commit();
-    if (warp_active) compute_tile(tile_first + i, stage);
+    if (warp_active) {
+      // Steps start at row multiples of 32 of the tile: the swizzle (row % 8) is the same in each.
+      const T* k_tile = ring + stage * Cfg::kStageElems;
+#pragma unroll
+      for (int step = 0; step < Cfg::kSteps; ++step) {
+        const int offset = step * Cfg::kStepKeys * kHeadSize;
+        compute_step((tile_first + i) * Cfg::kTileKeys + step * Cfg::kStepKeys, k_tile + offset,
+                     k_tile + Cfg::kTileElems + offset);
+      }
+    }
     stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
   }
-  cp_async_wait<0>();  // only empty groups can remain; nothing may be in flight when the CTA exits
+  cp_async_wait<0>();  // only empty groups (or, with no tile, Q's) can remain; none may outlive the CTA
 
   // ---- normalize and write this warp's rows --------------------------------------------------------------
   if (!warp_active) return;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-    const int r = warp_row0 + g + 8 * h;
-    if (r >= cta_rows) continue;
-    const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;  // no visible key: zeros
-    T* o = static_cast<T*>(p.out) + out_offset(r) + 2 * t;
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int j = 0; j < kOutTiles; ++j) {
-      *reinterpret_cast<uint32_t*>(o + 8 * j) = pack_pair<T>(o_acc[j][2 * h] * inv, o_acc[j][2 * h + 1] * inv);
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[mt][h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int r = warp_row0 + 16 * mt + g + 8 * h;
+      if (r >= cta_rows) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no visible key: zeros
+      T* o = static_cast<T*>(p.out) + out_offset(r) + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kOutTiles; ++j) {
+        *reinterpret_cast<uint32_t*>(o + 8 * j) = pack_pair<T>(o_acc[mt][j][2 * h] * inv, o_acc[mt][j][2 * h + 1] * inv);
+      }
     }
   }
 }

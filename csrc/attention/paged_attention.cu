@@ -22,7 +22,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 
 #include "attention/attention_args.h"
 #include "attention/mma_attention_kernel.cuh"
@@ -146,12 +148,12 @@ void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, cuda
 
 // Prompt chunks (max_query_len > 1) on tensor cores: grid = sequences x kv heads x row tiles, all from host
 // ints (max_query_len, shapes), so a captured graph stays valid as lengths change below those bounds.
-// Decodes of a mixed step take one row tile each (their group rows; the rest of the CTA's warps only help
-// load), and the row tiles a shorter sequence does not have exit at once.
-template <typename T, int kHeadSize, int kBlockSize>
+// Decodes of a mixed step take one row tile each (their group rows; the CTA's other warps only help load),
+// and the row tiles a shorter sequence does not have exit at once: one launch for the whole step.
+template <typename T, int kHeadSize, int kBlockSize, int kMTiles>
 void launch_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
-  using Cfg = attention::MmaPrefillConfig<T, kHeadSize>;
-  const auto kernel = attention::mma_prefill_attention_kernel<T, kHeadSize, kBlockSize>;
+  using Cfg = attention::MmaPrefillConfig<T, kHeadSize, kMTiles>;
+  const auto kernel = attention::mma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kMTiles>;
   const int64_t group = p.num_heads / p.num_kv_heads;
   PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
            max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
@@ -164,12 +166,29 @@ void launch_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Rows per warp of the prefill kernel: 32 (4 warps, two CTAs per SM; FlashAttention-2's shape) unless
+// PAGEDINFER_PREFILL_WARP_ROWS=16 (8 warps, Q in registers, one CTA per SM). Both are kept, and the knob
+// read once per process, so that one GPU session can measure both shapes on the same build.
+int prefill_warp_m_tiles() {
+  static const int m_tiles = [] {
+    const char* env = std::getenv("PAGEDINFER_PREFILL_WARP_ROWS");
+    return env != nullptr && std::string_view(env) == "16" ? 1 : 2;
+  }();
+  return m_tiles;
+}
+
+template <typename T, int kHeadSize, int kBlockSize>
+void launch_prefill_for_m_tiles(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+  if (prefill_warp_m_tiles() == 1) launch_prefill_kernel<T, kHeadSize, kBlockSize, 1>(p, max_query_len, stream);
+  else launch_prefill_kernel<T, kHeadSize, kBlockSize, 2>(p, max_query_len, stream);
+}
+
 template <typename T, int kHeadSize>
 void launch_prefill_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
   switch (p.block_size) {
-    case 16: launch_prefill_kernel<T, kHeadSize, 16>(p, max_query_len, stream); break;
-    case 32: launch_prefill_kernel<T, kHeadSize, 32>(p, max_query_len, stream); break;
-    default: launch_prefill_kernel<T, kHeadSize, 0>(p, max_query_len, stream); break;  // any block size
+    case 16: launch_prefill_for_m_tiles<T, kHeadSize, 16>(p, max_query_len, stream); break;
+    case 32: launch_prefill_for_m_tiles<T, kHeadSize, 32>(p, max_query_len, stream); break;
+    default: launch_prefill_for_m_tiles<T, kHeadSize, 0>(p, max_query_len, stream); break;  // any block size
   }
 }
 
