@@ -17,6 +17,7 @@ FLOPs: 4 * head_size * num_heads * sum over query tokens of the keys each sees (
 16-byte aligned; timed here through such an `out` for reference.
 
 Prints a table and writes $OUT/bench_prefill_attention.json. Run: python bench/bench_prefill_attention.py
+(PAGEDINFER_PREFILL_WARP_ROWS=16 for the kernel's other warp shape: $OUT/bench_prefill_attention_warp16.json)
 """
 
 from __future__ import annotations
@@ -244,8 +245,11 @@ def main() -> None:
 
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else v
+    # The kernel's warp shape (csrc/attention/paged_attention.cu reads this once per process): 32 rows a warp
+    # by default, 16 to compare. Named in the output so that two runs do not overwrite each other.
+    warp_rows = "16" if os.environ.get("PAGEDINFER_PREFILL_WARP_ROWS") == "16" else "32"
     print(f"\npaged_attention prompt chunks on {card_name()} (torch {torch.__version__}, bf16, 32 q / 8 kv heads, "
-          f"head 128, block 16)")
+          f"head 128, block 16; prefill kernel with {warp_rows} rows a warp)")
     print_table([{k: fmt(v) for k, v in r.items()} for r in rows],
                 ["shape", "gflop", "ours_us", "ours_tflops", "sdpa_default_us", "sdpa_default_tflops",
                  "sdpa_flash_us", "sdpa_flash_tflops", "sdpa_default_mask_us", "per_token_us", "best_baseline",
@@ -263,7 +267,8 @@ def main() -> None:
             targets[f"{r['shape']} >= {limit}x {r['best_baseline']}"] = r["ours_vs_best"] >= limit
     for name, ok in targets.items():
         print(f"target {name}: {'MET' if ok else 'MISSED'}")
-    print("wrote", write_json("bench_prefill_attention.json", {"rows": rows, "targets": targets}))
+    name = "bench_prefill_attention.json" if warp_rows == "32" else f"bench_prefill_attention_warp{warp_rows}.json"
+    print("wrote", write_json(name, {"prefill_warp_rows": int(warp_rows), "rows": rows, "targets": targets}))
 
 
 if __name__ == "__main__":
