@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -173,7 +174,7 @@ class DecodeGraphs:
         torch.cuda.empty_cache()
         free_before, _ = torch.cuda.mem_get_info(device)
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device)
+        stream = _capture_stream(torch.cuda.current_device() if device.index is None else device.index)
         b = self.buffers
         with _debug_checks_off():
             # Largest first: the smaller graphs' intermediates then fit in what the pool already holds.
@@ -206,6 +207,13 @@ class DecodeGraphs:
         graph.replay()
         self.num_replays += 1
         return hidden_states
+
+
+@functools.cache
+def _capture_stream(device_index: int) -> torch.cuda.Stream:
+    """One capture stream a device for the whole process: torch keeps a cuBLAS workspace for every
+    stream cuBLAS has run on, so engines built one after the other (tests build many) share one."""
+    return torch.cuda.Stream(device_index)
 
 
 @contextlib.contextmanager
