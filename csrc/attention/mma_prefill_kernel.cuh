@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize, kMTiles>::kThre
 #pragma unroll
     for (int j = 0; j < kOutTiles; ++j) o_acc[mt][j][0] = o_acc[mt][j][1] = o_acc[mt][j][2] = o_acc[mt][j][3] = 0.f;
   }
-  float row_max[kMTiles][2];  // running max (base-2 units) of rows g and g + 8 of each m16 tile
+  float row_max[kMTiles][2];  // running max (raw scores) of rows g and g + 8 of each m16 tile
   float row_sum[kMTiles][2];  // this thread's share of the running sums (quad-reduced at the end)
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
@@ -304,12 +304,9 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize, kMTiles>::kThre
 
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
-      // Into base-2 units; keys the row may not see (after its position, before its window) to -inf.
-#pragma unroll
-      for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][n][e] *= p.scale_log2;
-      }
+      // Keys the row may not see (after its position, before its window) to -inf. Scores stay in raw units:
+      // the scale (> 0, checked by the launcher, so maxima commute with it) joins the subtraction of the max
+      // in one FFMA per score, as exp2(s * scale_log2 - max * scale_log2).
       if (needs_mask) {
         const int pos[2] = {row_position(mt, 0), row_position(mt, 1)};
 #pragma unroll
@@ -333,14 +330,15 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize, kMTiles>::kThre
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         const float new_max = fmaxf(row_max[mt][h], tile_max);
         // A row with no visible key yet keeps max -inf; subtracting 0 then keeps every exp2 at 0, not NaN.
-        const float ref = new_max == -INFINITY ? 0.f : new_max;
-        const float rescale = fast_exp2(row_max[mt][h] - ref);
+        const float ref = new_max == -INFINITY ? 0.f : new_max * p.scale_log2;
+        // Exactly 1 when the max did not move (the vote below relies on it), 0 on the first visible keys.
+        const float rescale = row_max[mt][h] == new_max ? 1.f : fast_exp2(row_max[mt][h] * p.scale_log2 - ref);
         row_max[mt][h] = new_max;
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
-          s[mt][n][2 * h] = fast_exp2(s[mt][n][2 * h] - ref);
-          s[mt][n][2 * h + 1] = fast_exp2(s[mt][n][2 * h + 1] - ref);
+          s[mt][n][2 * h] = fast_exp2(fmaf(s[mt][n][2 * h], p.scale_log2, -ref));
+          s[mt][n][2 * h + 1] = fast_exp2(fmaf(s[mt][n][2 * h + 1], p.scale_log2, -ref));
           sum += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
         }
         row_sum[mt][h] = row_sum[mt][h] * rescale + sum;

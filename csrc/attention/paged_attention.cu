@@ -347,7 +347,8 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
                             reinterpret_cast<uintptr_t>(p.kv_cache) % 16 == 0;
   // The prefill kernel also writes `out` rows as 4- and 16-byte vectors: a 16-byte aligned `out` (any
   // allocation; only an offset view is not) keeps them aligned, else the per-token kernels serve.
-  if (!decode && tensor_cores && reinterpret_cast<uintptr_t>(p.out) % 16 == 0) {
+  // It also takes the softmax scale as positive (maxima of raw scores), as every model's is.
+  if (!decode && tensor_cores && reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && scale > 0) {
     if (dtype == at::kHalf) launch_prefill<__half>(p, max_query_len, stream);
     else launch_prefill<__nv_bfloat16>(p, max_query_len, stream);
     return;
