@@ -7,6 +7,7 @@
 //   mma_attention_kernel.cuh     decode (max_query_len == 1), fp16/bf16 with head_size 64 or 128: one CTA
 //                                per (sequence, kv head, head tile, split), the GQA group as the M of the MMA;
 //                                also the general path, per query token, when `out` is not 16-byte aligned
+//                                or the scale is not positive (the prefill kernel's preconditions)
 //   simt_attention_kernel.cuh    everything else (float32, other head sizes, unaligned caches), one CTA per
 //                                (query row, kv head, head tile, split)
 //   split_kv_reduce_kernel.cuh   merges the splits' partial results when a launch has more than one
