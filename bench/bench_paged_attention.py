@@ -105,17 +105,28 @@ def bench_uniform(batch: int, ctx: int) -> dict:
             "vs_sdpa": t["sdpa"] / t["ours"], "max_abs_err_vs_sdpa": err}
 
 
-def bench_ragged(batch: int, lo: int, hi: int) -> dict:
+def bench_ragged(batch: int, lo: int, hi: int, ref_ctx: int = 8192) -> dict:
+    """Ragged lengths in [lo, hi], timed interleaved with the target's reference measured in the same rounds:
+    SDPA on a uniform batch x ref_ctx. (Timed apart, the reference and the ragged case can see the card in
+    different states: right after the 256 x 8192 case, an H100 read the ragged batch 15 % slower for a
+    few seconds.)"""
     gen = torch.Generator().manual_seed(0)
     lens = torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
-    copies = copies_for(lens)
-    case = PagedCase(lens, copies)
-    t = time_interleaved({"ours": rotating([lambda i=i: case.run(i) for i in range(copies)])},
-                         calls=copies * max(1, 8 // copies))
+    case = PagedCase(lens, 1)
+    ref = PagedCase([ref_ctx] * batch, 1)
+    k, v = ref.contiguous_kv(0, ref_ctx)
+    q = ref.queries[0].unsqueeze(2)
+    del ref
+    t = time_interleaved({"ours": lambda: case.run(0),
+                          "sdpa_ref": lambda: F.scaled_dot_product_attention(q, k, v, scale=case.scale,
+                                                                             enable_gqa=True)}, calls=8)
     nbytes = kv_bytes(lens)
-    del case
+    ref_gbps = kv_bytes([ref_ctx] * batch) / t["sdpa_ref"] / 1e3
+    del case, k, v
     torch.cuda.empty_cache()
-    return {"batch": batch, "ctx": f"ragged[{lo},{hi}]", "ours_us": t["ours"], "ours_gbps": nbytes / t["ours"] / 1e3}
+    return {"batch": batch, "ctx": f"ragged[{lo},{hi}]", "ours_us": t["ours"], "ours_gbps": nbytes / t["ours"] / 1e3,
+            f"sdpa_{batch}x{ref_ctx}_same_rounds_gbps": ref_gbps,
+            f"vs_sdpa_{batch}x{ref_ctx}_gbps": nbytes / t["ours"] / 1e3 / ref_gbps}
 
 
 def main() -> None:
@@ -134,16 +145,14 @@ def main() -> None:
             rows.append(bench_uniform(batch, ctx))
     rows.append(bench_ragged(64, 128, 8192))
     by_shape = {(r["batch"], r["ctx"]): r for r in rows}
-    sdpa_64x8192 = by_shape.get((64, 8192), {}).get("sdpa_gbps")
     for r in rows:
-        r["ceiling_gbps"] = max(ceiling, r.get("sdpa_gbps", 0.0))
+        r["ceiling_gbps"] = max(ceiling, r.get("sdpa_gbps", 0.0), r.get("sdpa_64x8192_same_rounds_gbps", 0.0))
         r["frac_of_ceiling"] = r["ours_gbps"] / r["ceiling_gbps"]
-        if "sdpa_gbps" not in r and sdpa_64x8192:
-            r["vs_sdpa_64x8192_gbps"] = r["ours_gbps"] / sdpa_64x8192
     fmt = [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     print(f"\npaged_attention decode on {card_name()} (read kernel ceiling {ceiling:.0f} GB/s)")
     print_table(fmt, ["batch", "ctx", "ours_us", "sdpa_us", "ours_gbps", "sdpa_gbps", "vs_sdpa",
-                      "frac_of_ceiling", "vs_sdpa_64x8192_gbps", "max_abs_err_vs_sdpa"])
+                      "frac_of_ceiling", "sdpa_64x8192_same_rounds_gbps", "vs_sdpa_64x8192_gbps",
+                      "max_abs_err_vs_sdpa"])
     targets = {
         "64x8192 >= 0.97x SDPA": by_shape.get((64, 8192), {}).get("vs_sdpa", 0) >= 0.97,
         "64x2048 >= 0.95x SDPA": by_shape.get((64, 2048), {}).get("vs_sdpa", 0) >= 0.95,
