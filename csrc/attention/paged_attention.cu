@@ -206,10 +206,10 @@ void launch_wgmma_prefill_kernel(const PagedAttentionParams& p, int64_t max_quer
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the wgmma kernel can run on `device`: compute capability 9.x and a loaded image of sm_90 code
-// (built for 9.0a, or JIT from compute_90a PTX; the kernel traps in code built without the sm_90a
-// features, which this cannot tell apart from 9.0a: the build's default and CI arch is 9.0a). Once per
-// device: cudaFuncGetAttributes loads the module, a host call that is also legal during graph capture.
+// Whether the wgmma kernel can run on `device`: compute capability 9.x, and the device code loaded for it
+// built with wgmma (sm_90a, or JIT from compute_90a PTX; not a plain sm_90 target, where the kernel would
+// trap): wgmma_build_probe_kernel's static shared memory says which. Once per device; cudaFuncGetAttributes
+// is a host call (no launch), legal during graph capture.
 bool wgmma_prefill_available(int device) {
   if (device_facts(device).cc_major != 9) return false;
   constexpr int kMaxDevices = 64;
@@ -217,10 +217,10 @@ bool wgmma_prefill_available(int device) {
   const bool cacheable = device >= 0 && device < kMaxDevices;
   if (cacheable && cached[device].load() != 0) return cached[device].load() == 1;
   cudaFuncAttributes attr{};
-  const cudaError_t err = cudaFuncGetAttributes(
-      &attr, reinterpret_cast<const void*>(attention::wgmma_prefill_attention_kernel<__nv_bfloat16, 128, 16, true>));
-  bool ok = err == cudaSuccess && attr.binaryVersion == 90;
-  if (err != cudaSuccess) (void)cudaGetLastError();  // no image for this device: clear the sticky-free error
+  const cudaError_t err =
+      cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(attention::wgmma_build_probe_kernel));
+  const bool ok = err == cudaSuccess && attr.sharedSizeBytes == size_t(attention::kWgmmaProbeSmemBytes);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // no image for this device: clear the error
   if (cacheable) cached[device].store(ok ? 1 : 2);
   return ok;
 }

@@ -15,8 +15,10 @@
 //     mask (diagonal / window-edge / zero-filled-edge tiles only), online softmax on the fp32 accumulator
 //     O[64 x head] += P·V    4 k-steps x head/64 x wgmma m64n64k16, A = P from registers (the accumulator
 //                            fragment of 16 keys is the A fragment), B = V rows (smem, MN-major: tnspB)
-//   The two warpgroups' softmax and MMAs interleave on the SM (one CTA per SM, 128 KB / 160 KB of shared
-//   memory); the ring keeps kStages - 1 tiles in flight.
+//   Pipelined (the default): a tile's P·V is issued behind the next tile's Q·K^T and runs on the tensor
+//   cores during that tile's softmax (FlashAttention-3's intra-warpgroup overlap); the two warpgroups'
+//   softmax and MMAs also interleave on the SM (one CTA per SM: 193 KB / 97 KB of shared memory). The
+//   ring has 5 slots: 3 tiles in flight ahead of the one computed while the previous one's V is still read.
 //
 // Descriptors (wgmma.cuh: wgmma_desc_sw128), all 128-byte swizzle, base offset 0 (atoms 1 KB aligned):
 //   Q, K (K-major): stride byte offset 1024 (from one 8-row atom to the next along M/N); leading byte
@@ -65,6 +67,22 @@ struct WgmmaPrefillConfig {
 // of `half_bytes` per half: the 128-byte-swizzle canonical layout.
 __device__ __forceinline__ uint32_t sw128_offset(int row, int chunk, int half_bytes) {
   return uint32_t((chunk >> 3) * half_bytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
+}
+
+// Tells the host whether the device code it would run was built with wgmma (sm_90a / compute_90a) or
+// without (a plain sm_90 or older target, where the prefill kernel traps): only the wgmma build gives this
+// kernel kWgmmaProbeSmemBytes of static shared memory, which cudaFuncGetAttributes reports without a launch
+// (so the check is also legal during CUDA-graph capture). Never launched.
+constexpr int kWgmmaProbeSmemBytes = 2048;
+__global__ void wgmma_build_probe_kernel(int* out) {
+#if PAGEDINFER_WGMMA
+  __shared__ volatile int marker[kWgmmaProbeSmemBytes / 4];
+  marker[threadIdx.x % (kWgmmaProbeSmemBytes / 4)] = int(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = marker[(threadIdx.x + 1) % (kWgmmaProbeSmemBytes / 4)];
+#else
+  if (out == nullptr) __trap();
+#endif
 }
 
 // kBlockSize: 16 or 32 (compile time), or 0 (any block size). row_tiles: prefill_row_tiles(max_query_len,
@@ -428,7 +446,7 @@ __global__ void __launch_bounds__(WgmmaPrefillConfig<T, kHeadSize>::kThreads, 1)
     }
   }
 #else
-  __trap();  // built without sm_90a code: the launcher never routes here (wgmma_prefill_available)
+  __trap();  // built without sm_90a code: the launcher never routes here (wgmma_build_probe_kernel)
 #endif
 }
 

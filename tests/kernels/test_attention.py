@@ -40,18 +40,18 @@ def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
 
 # On an sm_90 GPU (with sm_90a code) prompt chunks run wgmma_prefill_kernel.cuh (pipelined);
 # PAGEDINFER_PREFILL_KERNEL (read by the launcher at every call) selects the mma.sync kernel ("mma") or the
-# wgmma kernel without its softmax / P·V overlap ("wgmma_serial") instead. Prompt-chunk tests run under the
-# first two, the tests of the prefill kernel's own tiling under all three; on the CPU, and on GPUs without
-# wgmma, every run takes the same path.
-@pytest.fixture(params=["wgmma", "mma", "wgmma_serial"])
+# wgmma kernel without its softmax / P·V overlap ("wgmma_serial") instead. Tests with prompt chunks run
+# under the first two (PREFILL_KERNELS), those of the prefill kernel's own tiling under all three
+# (ALL_PREFILL_KERNELS). On the CPU, and on GPUs without wgmma, every choice takes the same path: the CPU
+# runs only the first (tests/conftest.py deselects the others).
+@pytest.fixture
 def prefill_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param != "wgmma" and "device" in request.fixturenames and \
-            request.getfixturevalue("device") == "cpu":
-        pytest.skip("the CPU has one prompt-chunk path")
-    if request.param == "wgmma_serial" and "prefill" not in request.node.name:
-        pytest.skip("the serial wgmma variant: prefill tiling tests only")
     monkeypatch.setenv("PAGEDINFER_PREFILL_KERNEL", request.param)
     return request.param
+
+
+PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma", "mma"], indirect=True)
+ALL_PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma", "wgmma_serial", "mma"], indirect=True)
 
 
 # (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Lengths straddle multiples of
@@ -69,6 +69,7 @@ CASES = {
 }
 
 
+@PREFILL_KERNELS
 @pytest.mark.parametrize("sliding_window", [-1, 1, 19])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
@@ -92,6 +93,7 @@ def test_empty_batch(device, max_query_len):
 STEPS = pytest.mark.parametrize("step", ["decode", "mixed"])
 
 
+@PREFILL_KERNELS
 @STEPS
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("num_kv_heads, group", [(4, 1), (2, 3), (2, 4), (2, 7), (1, 8), (1, 32)])
@@ -104,6 +106,7 @@ def test_gqa_groups(device, prefill_kernel, num_kv_heads, group, dtype, step):
     check_attention(inputs, softmax_scale(128))
 
 
+@PREFILL_KERNELS
 @STEPS
 @pytest.mark.parametrize("window", ["off", "block_size+1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,6 +139,7 @@ def test_new_tokens_written_then_read(device, dtype):
     check_attention(inputs, softmax_scale(128))
 
 
+@PREFILL_KERNELS
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_strided_query(device, prefill_kernel, dtype):
     # query as the engine passes it: a [num_tokens, num_heads, head_size] view of a wider qkv row.
@@ -146,6 +150,7 @@ def test_strided_query(device, prefill_kernel, dtype):
     check_attention(inputs, softmax_scale(64))
 
 
+@PREFILL_KERNELS
 @pytest.mark.parametrize("sliding_window", [-1, 10])
 def test_stale_cache_contents_are_never_read(device, prefill_kernel, sliding_window):
     """Everything outside the sequences' contexts is NaN: free blocks, the tail of each partial last
@@ -274,6 +279,7 @@ PREFILL_TILING = {
 }
 
 
+@ALL_PREFILL_KERNELS
 @pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [-1, 5, 100])  # none; smaller than a key tile; larger
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -287,6 +293,7 @@ def test_prefill_tiling(prefill_kernel, case, group, head_size, block_size, dtyp
     check_attention(inputs, softmax_scale(head_size), sliding_window)
 
 
+@ALL_PREFILL_KERNELS
 @pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [-1, 200])
 def test_cuda_graph_prefill_with_changing_lengths(prefill_kernel, sliding_window):
