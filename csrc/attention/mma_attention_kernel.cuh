@@ -79,22 +79,9 @@ __global__ void __launch_bounds__(MmaAttentionConfig<T, kHeadSize>::kThreads)
   // ---- Q as A fragments, in registers for the whole CTA (rows >= `rows` are zero padding) -----------------
   uint32_t q_frag[kKSteps][4];
   {
-    // 16-bit loads: the query row stride need not keep pairs 4-byte aligned; read once per CTA.
     const uint16_t* q_base = static_cast<const uint16_t*>(p.query) + int64_t(row.token) * p.q_row_stride;
-    const uint16_t* q_lo = q_base + int64_t(head0 + g) * kHeadSize;      // head row g
-    const uint16_t* q_hi = q_base + int64_t(head0 + g + 8) * kHeadSize;  // head row g + 8
-    const bool lo_ok = g < rows, hi_ok = g + 8 < rows;
-    auto pair = [](const uint16_t* r, int col, bool ok) -> uint32_t {
-      return ok ? uint32_t(r[col]) | (uint32_t(r[col + 1]) << 16) : 0u;
-    };
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      const int col = ks * 16 + 2 * t;
-      q_frag[ks][0] = pair(q_lo, col, lo_ok);
-      q_frag[ks][1] = pair(q_hi, col, hi_ok);
-      q_frag[ks][2] = pair(q_lo, col + 8, lo_ok);
-      q_frag[ks][3] = pair(q_hi, col + 8, hi_ok);
-    }
+    load_a_fragments(q_frag, q_base + int64_t(head0 + g) * kHeadSize, g < rows,  // head rows g, g + 8
+                     q_base + int64_t(head0 + g + 8) * kHeadSize, g + 8 < rows, t);
   }
 
   // ---- this split's tiles, and this warp's share of them ---------------------------------------------------

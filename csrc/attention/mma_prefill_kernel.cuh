@@ -172,19 +172,8 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize, kMTiles>::kThre
     const uint16_t* query = static_cast<const uint16_t*>(p.query);
     const int r_lo = warp_row0 + g, r_hi = r_lo + 8;
     const bool lo_ok = r_lo < cta_rows, hi_ok = r_hi < cta_rows;
-    const uint16_t* q_lo = lo_ok ? query + query_offset(r_lo) : query;
-    const uint16_t* q_hi = hi_ok ? query + query_offset(r_hi) : query;
-    auto pair = [](const uint16_t* r, int col, bool ok) -> uint32_t {
-      return ok ? uint32_t(r[col]) | (uint32_t(r[col + 1]) << 16) : 0u;
-    };
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      const int col = ks * 16 + 2 * t;
-      q_frag[ks][0] = pair(q_lo, col, lo_ok);
-      q_frag[ks][1] = pair(q_hi, col, hi_ok);
-      q_frag[ks][2] = pair(q_lo, col + 8, lo_ok);
-      q_frag[ks][3] = pair(q_hi, col + 8, hi_ok);
-    }
+    load_a_fragments(q_frag, lo_ok ? query + query_offset(r_lo) : query, lo_ok,
+                     hi_ok ? query + query_offset(r_hi) : query, hi_ok, t);
   } else {
     // Same chunk layout as the K/V tiles. 16-byte aligned rows (the usual case: a contiguous query, or a
     // view of a qkv row at a multiple of 8 elements) go by cp.async, in the first tile's commit group, so

@@ -107,6 +107,25 @@ __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&c)[4], const
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The A fragments of m16n8k16 over a whole head (kKSteps steps of 16 dims) for this lane's two rows:
+// row g from `lo`, row g + 8 from `hi` (t = lane % 4). A row that is not `ok` gives zeros. 16-bit loads:
+// a query row stride need not keep pairs 4-byte aligned, and Q is read once per CTA.
+template <int kKSteps>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&frag)[kKSteps][4], const uint16_t* lo, bool lo_ok,
+                                                 const uint16_t* hi, bool hi_ok, int t) {
+  auto pair = [](const uint16_t* r, int col, bool ok) -> uint32_t {
+    return ok ? uint32_t(r[col]) | (uint32_t(r[col + 1]) << 16) : 0u;
+  };
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks) {
+    const int col = ks * 16 + 2 * t;
+    frag[ks][0] = pair(lo, col, lo_ok);
+    frag[ks][1] = pair(hi, col, hi_ok);
+    frag[ks][2] = pair(lo, col + 8, lo_ok);
+    frag[ks][3] = pair(hi, col + 8, hi_ok);
+  }
+}
+
 // ---- programmatic dependent launch (sm_90) -------------------------------------------------------------
 
 // Lets the next kernel in the stream, when launched as a programmatic dependent, start its CTAs (and their

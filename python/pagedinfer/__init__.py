@@ -6,8 +6,11 @@
 
 from typing import Any
 
+from pagedinfer.logging_config import configure_package_logging
 from pagedinfer.outputs import CompletionOutput, RequestOutput
 from pagedinfer.sampling_params import SamplingParams
+
+configure_package_logging()
 
 __version__ = "0.1.0"
 

@@ -112,30 +112,49 @@ def test_prefix_cache_hits(tiny_model: Path, hf, device: str) -> None:
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
 
 
-def test_preemption_matches_hf_and_frees_every_block(tiny_model: Path, hf, device: str) -> None:
+def assert_graphs_used(llm: LLM, device: str, enforce_eager: bool) -> None:
+    """Decode steps replayed CUDA graphs exactly when they could: on CUDA, unless enforce_eager."""
+    assert (llm.llm_engine.model_runner.num_graph_replays > 0) == (device == "cuda" and not enforce_eager)
+
+
+# Preemption on a GPU runs with CUDA graphs on and off: a preempted sequence leaves (and a resumed one
+# joins) the captured batches. On the CPU there are no graphs; both ids run the same eager engine.
+GRAPHS_AND_EAGER = pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+
+
+@GRAPHS_AND_EAGER
+def test_preemption_matches_hf_and_frees_every_block(tiny_model: Path, hf, device: str,
+                                                     enforce_eager: bool) -> None:
     """16 blocks of 4 tokens: four sequences growing to 32 tokens need 32 blocks, so some are
     preempted and recomputed."""
-    llm = make_llm(tiny_model, device, num_gpu_blocks_override=16, max_model_len=64)
+    llm = make_llm(tiny_model, device, num_gpu_blocks_override=16, max_model_len=64,
+                   enforce_eager=enforce_eager)
     prompts = random_prompts([12, 12, 12, 12], hf.config.vocab_size)
     outputs = generate_ids(llm, prompts, greedy(20))
     scheduler = llm.llm_engine.scheduler
     assert scheduler.num_preemptions > 0
+    assert_graphs_used(llm, device, enforce_eager)
     assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks == 16
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
 
 
-def test_swap_preemption_matches_hf_and_recompute(tiny_model: Path, hf, device: str) -> None:
+@GRAPHS_AND_EAGER
+def test_swap_preemption_matches_hf_and_recompute(tiny_model: Path, hf, device: str,
+                                                  enforce_eager: bool) -> None:
     """The same 16-block cache preempting by swap, to a CPU pool of 16 blocks: preempted sequences
     come back by swap-in, and their tokens are HF's and those of recompute."""
     prompts = random_prompts([12, 12, 12, 12], hf.config.vocab_size)
-    recompute = make_llm(tiny_model, device, num_gpu_blocks_override=16, max_model_len=64)
+    recompute = make_llm(tiny_model, device, num_gpu_blocks_override=16, max_model_len=64,
+                         enforce_eager=enforce_eager)
     recomputed = [o.outputs[0].token_ids for o in generate_ids(recompute, prompts, greedy(20))]
     swap_space = 16 * kv_block_bytes(recompute.llm_engine.config.model, BLOCK_SIZE) / 2**30
     llm = make_llm(tiny_model, device, num_gpu_blocks_override=16, max_model_len=64,
-                   preemption_mode="swap", swap_space=swap_space)
+                   preemption_mode="swap", swap_space=swap_space, enforce_eager=enforce_eager)
     swapped = [o.outputs[0].token_ids for o in generate_ids(llm, prompts, greedy(20))]
     scheduler = llm.llm_engine.scheduler
+    assert recompute.llm_engine.scheduler.num_preemptions > 0
+    assert_graphs_used(llm, device, enforce_eager)
     assert llm.llm_engine.model_runner.cache.num_cpu_blocks == 16
     assert scheduler.num_swap_outs > 0 and scheduler.num_swap_ins == scheduler.num_swap_outs
     assert scheduler.block_manager.num_free_blocks == 16

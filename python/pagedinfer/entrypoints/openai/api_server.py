@@ -32,6 +32,7 @@ from pagedinfer.entrypoints.openai.protocol import (ChatCompletionRequest, Compl
 from pagedinfer.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedinfer.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedinfer.entrypoints.openai.serving_engine import ClientDisconnected
+from pagedinfer.logging_config import FORMAT
 from pagedinfer.models.loader import LOAD_FORMATS
 
 logger = logging.getLogger("pagedinfer.server")
@@ -254,7 +255,10 @@ async def serve(args: argparse.Namespace, engine: LLMEngine) -> int:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    # The package logger prints pagedinfer's lines (logging_config); where that was turned off
+    # (PAGEDINFER_CONFIGURE_LOGGING=0), the server still says what it serves.
+    if not logging.getLogger("pagedinfer").handlers:
+        logging.basicConfig(level=logging.INFO, format=FORMAT)
     try:
         engine = load_engine(args)
     except (ValueError, FileNotFoundError) as error:
