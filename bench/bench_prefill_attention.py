@@ -16,6 +16,11 @@ FLOPs: 4 * head_size * num_heads * sum over query tokens of the keys each sees (
 "per_token_us": the previous general path (one CTA per query token), still served when `out` is not
 16-byte aligned; timed here through such an `out` for reference.
 
+"ours": the prompt-chunk kernel PAGEDINFER_PREFILL_KERNEL names (unset: the launcher's default, the pipelined
+wgmma kernel on an H100 built for 9.0a; =wgmma_serial its variant without the softmax / P·V overlap);
+"ours_mma": the mma.sync kernel (PAGEDINFER_PREFILL_KERNEL=mma, read by the launcher at every call, so both
+are timed in the same run; it must agree with "ours")
+
 Prints a table and writes $OUT/bench_prefill_attention.json. Run: python bench/bench_prefill_attention.py
 (PAGEDINFER_PREFILL_WARP_ROWS=16 for the kernel's other warp shape: $OUT/bench_prefill_attention_warp16.json)
 """
@@ -43,6 +48,7 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bf
 DEVICE = "cuda"  # the CPU only for a dry run of the bench's own logic (shapes, masks, checks), not timed
 GROUP = NUM_HEADS // NUM_KV_HEADS
 SCALE = HEAD_SIZE ** -0.5
+OURS_KERNEL = os.environ.get("PAGEDINFER_PREFILL_KERNEL", "wgmma")  # what "ours" runs (see the docstring)
 MAX_ABS_ERR = 3e-2  # bf16 outputs of magnitude <~ 3: two honest kernels differ by a few 1e-3; a wrong mask by 0.1+
 
 # name -> (context_len, q_len) per sequence
@@ -59,6 +65,22 @@ RATIO_KIND = {"16 x 512 prompts": "tflops", "8 x 512 over 4096": "time", "1 x 81
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def with_prefill_kernel(kernel: str, fn: Callable[[], None]) -> Callable[[], None]:
+    """fn with PAGEDINFER_PREFILL_KERNEL=kernel around it (the launcher reads it at each call, so also while
+    a CUDA graph of fn is captured)."""
+    def call():
+        old = os.environ.get("PAGEDINFER_PREFILL_KERNEL")
+        os.environ["PAGEDINFER_PREFILL_KERNEL"] = kernel
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ["PAGEDINFER_PREFILL_KERNEL"]
+            else:
+                os.environ["PAGEDINFER_PREFILL_KERNEL"] = old
+    return call
 
 
 class PagedStep:
@@ -179,12 +201,22 @@ def make_baseline(step: PagedStep, backend: Optional[SDPBackend], explicit_mask:
 
 def bench_shape(name: str, specs: list[tuple[int, int]], calls: int, per_token: bool) -> dict:
     step = PagedStep(specs)
-    step.run()
+    ours = with_prefill_kernel(OURS_KERNEL, step.run)
+    ours()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     flops = step.flops()
     row: dict = {"shape": name, "gflop": flops / 1e9}
-    fns: dict[str, Callable[[], None]] = {"ours": step.run}
+    fns: dict[str, Callable[[], None]] = {"ours": ours}
+    # The mma.sync kernel, into its own output: it must agree with the default kernel.
+    out_mma = torch.empty_like(step.out)
+    ours_mma = with_prefill_kernel("mma", lambda: step.run(out_mma))
+    ours_mma()
+    err_mma = (out_mma.float() - step.out.float()).abs().max().item()
+    row["ours_mma_max_abs_err"] = err_mma
+    if not err_mma <= MAX_ABS_ERR:
+        raise SystemExit(f"{name}: the mma.sync and default prefill kernels differ by {err_mma:.4g}: WRONG OUTPUT")
+    fns["ours_mma"] = ours_mma
     if per_token:
         fns["per_token"] = lambda: step.run(step.out_unaligned)
     baselines = {"sdpa_default": (None, False), "sdpa_flash": (SDPBackend.FLASH_ATTENTION, False)}
@@ -227,6 +259,7 @@ def bench_shape(name: str, specs: list[tuple[int, int]], calls: int, per_token: 
         row["best_baseline"] = best
         # ours / best: speed ratio (>= 1: faster). Same FLOPs, so the TFLOP/s ratio equals the time ratio.
         row["ours_vs_best"] = measured[best] / times["ours"]
+        row["mma_vs_best"] = measured[best] / times["ours_mma"]
     row["ratio_kind"] = RATIO_KIND.get(name, "time")
     del step
     torch.cuda.empty_cache()
@@ -249,11 +282,12 @@ def main() -> None:
     # by default, 16 to compare. Named in the output so that two runs do not overwrite each other.
     warp_rows = "16" if os.environ.get("PAGEDINFER_PREFILL_WARP_ROWS") == "16" else "32"
     print(f"\npaged_attention prompt chunks on {card_name()} (torch {torch.__version__}, bf16, 32 q / 8 kv heads, "
-          f"head 128, block 16; prefill kernel with {warp_rows} rows a warp)")
+          f"head 128, block 16; ours: PAGEDINFER_PREFILL_KERNEL={OURS_KERNEL}; mma.sync kernel with {warp_rows} "
+          f"rows a warp)")
     print_table([{k: fmt(v) for k, v in r.items()} for r in rows],
-                ["shape", "gflop", "ours_us", "ours_tflops", "sdpa_default_us", "sdpa_default_tflops",
+                ["shape", "gflop", "ours_us", "ours_tflops", "ours_mma_us", "ours_mma_tflops", "sdpa_default_us", "sdpa_default_tflops",
                  "sdpa_flash_us", "sdpa_flash_tflops", "sdpa_default_mask_us", "per_token_us", "best_baseline",
-                 "ours_vs_best"])
+                 "ours_vs_best", "mma_vs_best"])
     for r in rows:
         notes = {k: v for k, v in r.items() if k.endswith("_note") or (isinstance(v, str) and v.startswith("n/a"))}
         errs = {k: f"{v:.2e}" for k, v in r.items() if k.endswith("_max_abs_err")}
@@ -267,8 +301,10 @@ def main() -> None:
             targets[f"{r['shape']} >= {limit}x {r['best_baseline']}"] = r["ours_vs_best"] >= limit
     for name, ok in targets.items():
         print(f"target {name}: {'MET' if ok else 'MISSED'}")
-    name = "bench_prefill_attention.json" if warp_rows == "32" else f"bench_prefill_attention_warp{warp_rows}.json"
-    print("wrote", write_json(name, {"prefill_warp_rows": int(warp_rows), "rows": rows, "targets": targets}))
+    name = "bench_prefill_attention" + ("" if OURS_KERNEL == "wgmma" else f"_{OURS_KERNEL}") + \
+        ("" if warp_rows == "32" else f"_warp{warp_rows}") + ".json"
+    print("wrote", write_json(name, {"prefill_kernel": OURS_KERNEL, "prefill_warp_rows": int(warp_rows),
+                                     "rows": rows, "targets": targets}))
 
 
 if __name__ == "__main__":

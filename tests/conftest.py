@@ -15,12 +15,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A choice of CUDA prompt-chunk kernel (tests/kernels/test_attention.py: prefill_kernel) means nothing on
+    # the CPU: only its first value runs there, the others are deselected (not skipped: GPU runs count skips).
+    dropped = [item for item in items if _cpu_duplicate(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not _cpu_duplicate(item)]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _cpu_duplicate(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    return params.get("device") == "cpu" and params.get("prefill_kernel", "wgmma") != "wgmma"
 
 
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:

@@ -4,6 +4,10 @@
 //   mma_prefill_kernel.cuh       max_query_len > 1, fp16/bf16, head_size 64 or 128: FlashAttention-2 style
 //                                tiles of 128 (token, head) rows against 64-key tiles on tensor cores, one
 //                                CTA per (sequence, kv head, row tile); decodes of a mixed step included
+//   wgmma_prefill_kernel.cuh     the same prompt chunks on an sm_90 device with sm_90a code: the same tiling
+//                                with both products on warpgroup MMA (wgmma); PAGEDINFER_PREFILL_KERNEL=mma
+//                                (read at every launch) keeps the mma.sync kernel instead, =wgmma_serial the
+//                                wgmma kernel without its softmax / P·V overlap, for A/B runs
 //   mma_attention_kernel.cuh     decode (max_query_len == 1), fp16/bf16 with head_size 64 or 128: one CTA
 //                                per (sequence, kv head, head tile, split), the GQA group as the M of the MMA;
 //                                also the general path, per query token, when `out` is not 16-byte aligned
@@ -32,6 +36,7 @@
 #include "attention/mma_prefill_kernel.cuh"
 #include "attention/simt_attention_kernel.cuh"
 #include "attention/split_kv_reduce_kernel.cuh"
+#include "attention/wgmma_prefill_kernel.cuh"
 #include "ops.h"
 
 namespace pagedinfer {
@@ -184,8 +189,70 @@ void launch_prefill_for_m_tiles(const PagedAttentionParams& p, int64_t max_query
   else launch_prefill_kernel<T, kHeadSize, kBlockSize, 2>(p, max_query_len, stream);
 }
 
+// The wgmma kernel: same grid as the mma.sync one (128 rows per CTA), 256 threads, one CTA per SM.
+template <typename T, int kHeadSize, int kBlockSize, bool kPipelined>
+void launch_wgmma_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+  using Cfg = attention::WgmmaPrefillConfig<T, kHeadSize>;
+  const auto kernel = attention::wgmma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kPipelined>;
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
+           max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
+  const int64_t row_tiles = attention::prefill_row_tiles(max_query_len, group, Cfg::kRows);
+  const int64_t grid = int64_t(p.num_seqs) * p.num_kv_heads * row_tiles;
+  PI_CHECK(grid <= std::numeric_limits<int32_t>::max(), "paged_attention: too many CTAs (", grid,
+           ") for one launch");
+  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the wgmma kernel can run on `device`: compute capability 9.x, and the device code loaded for it
+// built with wgmma (sm_90a, or JIT from compute_90a PTX; not a plain sm_90 target, where the kernel would
+// trap): wgmma_build_probe_kernel's static shared memory says which. Once per device; cudaFuncGetAttributes
+// is a host call (no launch), legal during graph capture.
+bool wgmma_prefill_available(int device) {
+  if (device_facts(device).cc_major != 9) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // 0 unknown, 1 yes, 2 no
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable && cached[device].load() != 0) return cached[device].load() == 1;
+  cudaFuncAttributes attr{};
+  const cudaError_t err =
+      cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(attention::wgmma_build_probe_kernel));
+  const bool ok = err == cudaSuccess && attr.sharedSizeBytes == size_t(attention::kWgmmaProbeSmemBytes);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // no image for this device: clear the error
+  if (cacheable) cached[device].store(ok ? 1 : 2);
+  return ok;
+}
+
+// Which prompt-chunk kernel: PAGEDINFER_PREFILL_KERNEL=mma keeps the mma.sync kernel where the wgmma one
+// could run; =wgmma_serial the wgmma kernel without the P·V / softmax overlap; anything else, or unset, the
+// pipelined wgmma kernel where available. Read at every launch (a getenv, ~100 ns) so tests can switch it.
+enum class PrefillKernel { kMma, kWgmmaSerial, kWgmma };
+
+PrefillKernel prefill_kernel_choice(int device) {
+  const char* env = std::getenv("PAGEDINFER_PREFILL_KERNEL");
+  const std::string_view choice = env != nullptr ? env : "";
+  if (choice == "mma" || !wgmma_prefill_available(device)) return PrefillKernel::kMma;
+  return choice == "wgmma_serial" ? PrefillKernel::kWgmmaSerial : PrefillKernel::kWgmma;
+}
+
+template <typename T, int kHeadSize, bool kPipelined>
+void launch_wgmma_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+  switch (p.block_size) {
+    case 16: launch_wgmma_prefill_kernel<T, kHeadSize, 16, kPipelined>(p, max_query_len, stream); break;
+    case 32: launch_wgmma_prefill_kernel<T, kHeadSize, 32, kPipelined>(p, max_query_len, stream); break;
+    default: launch_wgmma_prefill_kernel<T, kHeadSize, 0, kPipelined>(p, max_query_len, stream); break;
+  }
+}
+
 template <typename T, int kHeadSize>
-void launch_prefill_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+void launch_prefill_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, PrefillKernel kernel,
+                                   cudaStream_t stream) {
+  if (kernel == PrefillKernel::kWgmma) return launch_wgmma_for_block_size<T, kHeadSize, true>(p, max_query_len, stream);
+  if (kernel == PrefillKernel::kWgmmaSerial) {
+    return launch_wgmma_for_block_size<T, kHeadSize, false>(p, max_query_len, stream);
+  }
   switch (p.block_size) {
     case 16: launch_prefill_for_m_tiles<T, kHeadSize, 16>(p, max_query_len, stream); break;
     case 32: launch_prefill_for_m_tiles<T, kHeadSize, 32>(p, max_query_len, stream); break;
@@ -194,9 +261,10 @@ void launch_prefill_for_block_size(const PagedAttentionParams& p, int64_t max_qu
 }
 
 template <typename T>
-void launch_prefill(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
-  if (p.head_size == 128) launch_prefill_for_block_size<T, 128>(p, max_query_len, stream);
-  else launch_prefill_for_block_size<T, 64>(p, max_query_len, stream);
+void launch_prefill(const PagedAttentionParams& p, int64_t max_query_len, int device, cudaStream_t stream) {
+  const PrefillKernel kernel = prefill_kernel_choice(device);
+  if (p.head_size == 128) launch_prefill_for_block_size<T, 128>(p, max_query_len, kernel, stream);
+  else launch_prefill_for_block_size<T, 64>(p, max_query_len, kernel, stream);
 }
 
 template <typename T>
@@ -350,8 +418,8 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
   // allocation; only an offset view is not) keeps them aligned, else the per-token kernels serve.
   // It also takes the softmax scale as positive (maxima of raw scores), as every model's is.
   if (!decode && tensor_cores && reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && scale > 0) {
-    if (dtype == at::kHalf) launch_prefill<__half>(p, max_query_len, stream);
-    else launch_prefill<__nv_bfloat16>(p, max_query_len, stream);
+    if (dtype == at::kHalf) launch_prefill<__half>(p, max_query_len, device, stream);
+    else launch_prefill<__nv_bfloat16>(p, max_query_len, device, stream);
     return;
   }
   const int64_t items = decode ? s.num_seqs : s.num_tokens;

@@ -38,6 +38,22 @@ def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
         inputs.query.dtype, name="paged_attention")
 
 
+# On an sm_90 GPU (with sm_90a code) prompt chunks run wgmma_prefill_kernel.cuh (pipelined);
+# PAGEDINFER_PREFILL_KERNEL (read by the launcher at every call) selects the mma.sync kernel ("mma") or the
+# wgmma kernel without its softmax / P·V overlap ("wgmma_serial") instead. Tests with prompt chunks run
+# under the first two (PREFILL_KERNELS), those of the prefill kernel's own tiling under all three
+# (ALL_PREFILL_KERNELS). On the CPU, and on GPUs without wgmma, every choice takes the same path: the CPU
+# runs only the first (tests/conftest.py deselects the others).
+@pytest.fixture
+def prefill_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("PAGEDINFER_PREFILL_KERNEL", request.param)
+    return request.param
+
+
+PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma", "mma"], indirect=True)
+ALL_PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma", "wgmma_serial", "mma"], indirect=True)
+
+
 # (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Lengths straddle multiples of
 # 8, 16 and 32 (one before, at, after) and leave partial last blocks.
 CASES = {
@@ -53,11 +69,12 @@ CASES = {
 }
 
 
+@PREFILL_KERNELS
 @pytest.mark.parametrize("sliding_window", [-1, 1, 19])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("case", list(CASES))
-def test_batch_shapes(device, case, block_size, dtype, sliding_window):
+def test_batch_shapes(device, prefill_kernel, case, block_size, dtype, sliding_window):
     inputs = make_paged_inputs(CASES[case], num_heads=8, num_kv_heads=2, head_size=64,
                                block_size=block_size, dtype=dtype, device=device)
     check_attention(inputs, softmax_scale(64), sliding_window)
@@ -76,10 +93,11 @@ def test_empty_batch(device, max_query_len):
 STEPS = pytest.mark.parametrize("step", ["decode", "mixed"])
 
 
+@PREFILL_KERNELS
 @STEPS
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("num_kv_heads, group", [(4, 1), (2, 3), (2, 4), (2, 7), (1, 8), (1, 32)])
-def test_gqa_groups(device, num_kv_heads, group, dtype, step):
+def test_gqa_groups(device, prefill_kernel, num_kv_heads, group, dtype, step):
     max_context = 150 if device == "cpu" else 1500
     specs = random_seq_specs(9, max_context=max_context, max_q_len=24,
                              decode_fraction=1.0 if step == "decode" else 0.5)
@@ -88,12 +106,13 @@ def test_gqa_groups(device, num_kv_heads, group, dtype, step):
     check_attention(inputs, softmax_scale(128))
 
 
+@PREFILL_KERNELS
 @STEPS
 @pytest.mark.parametrize("window", ["off", "block_size+1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
-def test_head_and_block_sizes(device, block_size, head_size, dtype, window, step):
+def test_head_and_block_sizes(device, prefill_kernel, block_size, head_size, dtype, window, step):
     # On CUDA, 64 and 128 in 16-bit types take the tensor-core kernels (block sizes 16 and 32
     # specialized, others generic); other head sizes and float32 the SIMT kernel.
     max_context = 3 * block_size + 5 if device == "cpu" else 40 * block_size + 5
@@ -120,8 +139,9 @@ def test_new_tokens_written_then_read(device, dtype):
     check_attention(inputs, softmax_scale(128))
 
 
+@PREFILL_KERNELS
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_strided_query(device, dtype):
+def test_strided_query(device, prefill_kernel, dtype):
     # query as the engine passes it: a [num_tokens, num_heads, head_size] view of a wider qkv row.
     inputs = make_paged_inputs(CASES["mixed_with_padded_rows"] + CASES["mixed_prefill_decode"],
                                num_heads=12, num_kv_heads=4, head_size=64, block_size=16, dtype=dtype,
@@ -130,8 +150,9 @@ def test_strided_query(device, dtype):
     check_attention(inputs, softmax_scale(64))
 
 
+@PREFILL_KERNELS
 @pytest.mark.parametrize("sliding_window", [-1, 10])
-def test_stale_cache_contents_are_never_read(device, sliding_window):
+def test_stale_cache_contents_are_never_read(device, prefill_kernel, sliding_window):
     """Everything outside the sequences' contexts is NaN: free blocks, the tail of each partial last
     block, and the stale table columns (pointed at free blocks). A kernel that lets any of it into
     the result (e.g. 0 * NaN from a masked V row of a partial block) fails. A fresh cache from
@@ -244,7 +265,8 @@ def test_cuda_graph_decode_with_growing_contexts(dtype, sliding_window):
 
 
 # ---- CUDA only: the prompt-chunk kernel's tiling --------------------------------------------------------
-# On CUDA, max_query_len > 1 in fp16/bf16 with head 64/128 runs mma_prefill_kernel.cuh: CTAs of 128
+# On CUDA, max_query_len > 1 in fp16/bf16 with head 64/128 runs wgmma_prefill_kernel.cuh on sm_90, else (and
+# under PAGEDINFER_PREFILL_KERNEL=mma) mma_prefill_kernel.cuh; both: CTAs of 128
 # (token, head) rows, token-major, against 64-key tiles; full tiles unmasked, diagonal and window-edge tiles
 # masked, tiles no row sees skipped. These shapes put every edge of that tiling under test.
 PREFILL_TILING = {
@@ -257,22 +279,24 @@ PREFILL_TILING = {
 }
 
 
+@ALL_PREFILL_KERNELS
 @pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [-1, 5, 100])  # none; smaller than a key tile; larger
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_size, block_size", [(128, 16), (128, 32), (64, 16), (128, 8)])
 @pytest.mark.parametrize("group", [1, 3, 4, 7])  # 3 and 7: a token's heads straddle row tiles and warps
 @pytest.mark.parametrize("case", list(PREFILL_TILING))
-def test_prefill_tiling(case, group, head_size, block_size, dtype, sliding_window):
+def test_prefill_tiling(prefill_kernel, case, group, head_size, block_size, dtype, sliding_window):
     # With a window of 100 the chunk over 300 cached tokens starts its first row's window mid-tile (key 201).
     inputs = make_paged_inputs(PREFILL_TILING[case], num_heads=2 * group, num_kv_heads=2,
                                head_size=head_size, block_size=block_size, dtype=dtype, device="cuda")
     check_attention(inputs, softmax_scale(head_size), sliding_window)
 
 
+@ALL_PREFILL_KERNELS
 @pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [-1, 200])
-def test_cuda_graph_prefill_with_changing_lengths(sliding_window):
+def test_cuda_graph_prefill_with_changing_lengths(prefill_kernel, sliding_window):
     """Capture a prompt-chunk step, then rewrite its metadata in place (same token count, same
     max_query_len, other split of tokens over the sequences, longer contexts): the grid and every host
     decision come from shapes and max_query_len alone."""
