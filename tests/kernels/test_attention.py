@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -192,6 +193,30 @@ def test_unaligned_out(device):
         inputs.query.dtype, name="paged_attention")
 
 
+def graph_replay_check(step: Callable[[], None], out: torch.Tensor, inputs: PagedInputs, scale: float,
+                       sliding_window: int, dtype: torch.dtype) -> Callable[[], None]:
+    """Captures `step` in a CUDA graph (warmed up outside the capture) and returns a check that replays it
+    into a NaN-filled `out` and compares with the reference on whatever metadata `inputs` holds then."""
+    _ops.set_debug_checks(False)  # they copy metadata to the host: not allowed while capturing
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def check() -> None:
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_to_ref(out, lambda d: ref_paged_attention(
+            inputs.query, inputs.kv_cache, *inputs.metadata, scale, sliding_window, dtype=d),
+            dtype, name="graph replay")
+    return check
+
+
 # ---- CUDA only: long contexts (split-KV) and CUDA graphs ----------------------------------------------
 
 
@@ -239,24 +264,7 @@ def test_cuda_graph_decode_with_growing_contexts(dtype, sliding_window):
         _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, 1, scale,
                              sliding_window, workspace)
 
-    _ops.set_debug_checks(False)  # they copy metadata to the host: not allowed while capturing
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-
-    def check():
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close_to_ref(out, lambda d: ref_paged_attention(
-            inputs.query, inputs.kv_cache, *inputs.metadata, scale, sliding_window, dtype=d),
-            dtype, name="graph replay")
-
+    check = graph_replay_check(step, out, inputs, scale, sliding_window, dtype)
     check()
     for name in ("query", "query_start_loc", "seq_lens", "block_tables"):
         getattr(inputs, name).copy_(getattr(grown, name))
@@ -315,24 +323,7 @@ def test_cuda_graph_prefill_with_changing_lengths(prefill_kernel, sliding_window
         _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, 300, scale,
                              sliding_window, None)
 
-    _ops.set_debug_checks(False)  # they copy metadata to the host: not allowed while capturing
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-
-    def check():
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close_to_ref(out, lambda d: ref_paged_attention(
-            inputs.query, inputs.kv_cache, *inputs.metadata, scale, sliding_window, dtype=d),
-            torch.bfloat16, name="graph replay")
-
+    check = graph_replay_check(step, out, inputs, scale, sliding_window, torch.bfloat16)
     check()
     assert (out[307] == 0).all()  # the padded row
     for name in ("query", "query_start_loc", "seq_lens", "block_tables"):
