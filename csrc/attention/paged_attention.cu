@@ -152,14 +152,14 @@ void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, cuda
   }
 }
 
-// Prompt chunks (max_query_len > 1) on tensor cores: grid = sequences x kv heads x row tiles, all from host
-// ints (max_query_len, shapes), so a captured graph stays valid as lengths change below those bounds.
-// Decodes of a mixed step take one row tile each (their group rows; the CTA's other warps only help load),
-// and the row tiles a shorter sequence does not have exit at once: one launch for the whole step.
-template <typename T, int kHeadSize, int kBlockSize, int kMTiles>
-void launch_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
-  using Cfg = attention::MmaPrefillConfig<T, kHeadSize, kMTiles>;
-  const auto kernel = attention::mma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kMTiles>;
+// Prompt chunks (max_query_len > 1) on tensor cores, either kernel: grid = sequences x kv heads x row tiles
+// of Cfg::kRows (token, head) rows, all from host ints (max_query_len, shapes), so a captured graph stays
+// valid as lengths change below those bounds. Decodes of a mixed step take one row tile each (their group
+// rows; the CTA's other warps only help load), and the row tiles a shorter sequence does not have exit at
+// once: one launch for the whole step.
+template <typename Cfg, typename Kernel>
+void launch_row_tile_grid(Kernel kernel, const PagedAttentionParams& p, int64_t max_query_len,
+                          cudaStream_t stream) {
   const int64_t group = p.num_heads / p.num_kv_heads;
   PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
            max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
@@ -170,6 +170,12 @@ void launch_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len,
   set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kHeadSize, int kBlockSize, int kMTiles>
+void launch_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+  launch_row_tile_grid<attention::MmaPrefillConfig<T, kHeadSize, kMTiles>>(
+      attention::mma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kMTiles>, p, max_query_len, stream);
 }
 
 // Rows per warp of the prefill kernel: 32 (4 warps, two CTAs per SM; FlashAttention-2's shape) unless
@@ -192,18 +198,8 @@ void launch_prefill_for_m_tiles(const PagedAttentionParams& p, int64_t max_query
 // The wgmma kernel: same grid as the mma.sync one (128 rows per CTA), 256 threads, one CTA per SM.
 template <typename T, int kHeadSize, int kBlockSize, bool kPipelined>
 void launch_wgmma_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
-  using Cfg = attention::WgmmaPrefillConfig<T, kHeadSize>;
-  const auto kernel = attention::wgmma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kPipelined>;
-  const int64_t group = p.num_heads / p.num_kv_heads;
-  PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
-           max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
-  const int64_t row_tiles = attention::prefill_row_tiles(max_query_len, group, Cfg::kRows);
-  const int64_t grid = int64_t(p.num_seqs) * p.num_kv_heads * row_tiles;
-  PI_CHECK(grid <= std::numeric_limits<int32_t>::max(), "paged_attention: too many CTAs (", grid,
-           ") for one launch");
-  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
-  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_tile_grid<attention::WgmmaPrefillConfig<T, kHeadSize>>(
+      attention::wgmma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kPipelined>, p, max_query_len, stream);
 }
 
 // Whether the wgmma kernel can run on `device`: compute capability 9.x, and the device code loaded for it

@@ -11,6 +11,11 @@ from typing import Optional, Sequence
 import torch
 
 
+def cache_slot(block_table: Sequence[int], position: int, block_size: int) -> int:
+    """The KV-cache slot of the token at `position`: its block's id * block_size + its offset there."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
 @dataclass(frozen=True)
 class AttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: new tokens of seq i are rows [qsl[i], qsl[i+1])
@@ -35,8 +40,7 @@ class AttentionMetadata:
                 raise ValueError(f"need 0 < query_len ({query_len}) <= seq_len ({seq_len}) <= "
                                  f"{len(table)} blocks * {block_size}")
             query_start_loc.append(query_start_loc[-1] + query_len)
-            slots += [table[p // block_size] * block_size + p % block_size
-                      for p in range(seq_len - query_len, seq_len)]
+            slots += [cache_slot(table, p, block_size) for p in range(seq_len - query_len, seq_len)]
         max_blocks = max((len(t) for t in block_tables), default=0)
         # Unused tail entries are never read (the kernels stop at seq_len); 0 keeps them in range.
         padded_tables = [list(t) + [0] * (max_blocks - len(t)) for t in block_tables]

@@ -28,6 +28,7 @@ from torch import nn
 
 from pagedinfer import _ops
 from pagedinfer.attention import AttentionMetadata
+from pagedinfer.attention.metadata import cache_slot
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ def padded_batch_size(num_seqs: int, sizes: Sequence[int]) -> Optional[int]:
 
 def decode_slot(seq_len: int, block_table: Sequence[int], block_size: int) -> int:
     """The cache slot of a decode token: the last of its sequence's seq_len tokens."""
-    position = seq_len - 1
-    return block_table[position // block_size] * block_size + position % block_size
+    return cache_slot(block_table, seq_len - 1, block_size)
 
 
 class DecodeInputBuffers:
