@@ -16,10 +16,10 @@ FLOPs: 4 * head_size * num_heads * sum over query tokens of the keys each sees (
 "per_token_us": the previous general path (one CTA per query token), still served when `out` is not
 16-byte aligned; timed here through such an `out` for reference.
 
-"ours": the prompt-chunk kernel PAGEDINFER_PREFILL_KERNEL names (unset: the launcher's default, the pipelined
-wgmma kernel on an H100 built for 9.0a; =wgmma_serial its variant without the softmax / P·V overlap);
-"ours_mma": the mma.sync kernel (PAGEDINFER_PREFILL_KERNEL=mma, read by the launcher at every call, so both
-are timed in the same run; it must agree with "ours")
+"ours": the prompt-chunk kernel PAGEDINFER_PREFILL_KERNEL names (unset: the launcher's default, the
+warp-specialized wgmma kernel on an H100 built for 9.0a); "ours_wgmma": the one-CTA-per-tile wgmma kernel,
+"ours_mma": the mma.sync kernel (PAGEDINFER_PREFILL_KERNEL=wgmma / =mma, read by the launcher at every call,
+so all are timed in the same run; each must agree with "ours")
 
 Prints a table and writes $OUT/bench_prefill_attention.json. Run: python bench/bench_prefill_attention.py
 (PAGEDINFER_PREFILL_WARP_ROWS=16 for the kernel's other warp shape: $OUT/bench_prefill_attention_warp16.json)
@@ -48,7 +48,8 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bf
 DEVICE = "cuda"  # the CPU only for a dry run of the bench's own logic (shapes, masks, checks), not timed
 GROUP = NUM_HEADS // NUM_KV_HEADS
 SCALE = HEAD_SIZE ** -0.5
-OURS_KERNEL = os.environ.get("PAGEDINFER_PREFILL_KERNEL", "wgmma")  # what "ours" runs (see the docstring)
+OURS_KERNEL = os.environ.get("PAGEDINFER_PREFILL_KERNEL", "wgmma_ws")  # what "ours" runs (see the docstring)
+OTHER_KERNELS = ["wgmma", "mma"]  # timed beside it in the same rounds ("ours_<kernel>")
 MAX_ABS_ERR = 3e-2  # bf16 outputs of magnitude <~ 3: two honest kernels differ by a few 1e-3; a wrong mask by 0.1+
 
 # name -> (context_len, q_len) per sequence
@@ -208,15 +209,18 @@ def bench_shape(name: str, specs: list[tuple[int, int]], calls: int, per_token: 
     flops = step.flops()
     row: dict = {"shape": name, "gflop": flops / 1e9}
     fns: dict[str, Callable[[], None]] = {"ours": ours}
-    # The mma.sync kernel, into its own output: it must agree with the default kernel.
-    out_mma = torch.empty_like(step.out)
-    ours_mma = with_prefill_kernel("mma", lambda: step.run(out_mma))
-    ours_mma()
-    err_mma = (out_mma.float() - step.out.float()).abs().max().item()
-    row["ours_mma_max_abs_err"] = err_mma
-    if not err_mma <= MAX_ABS_ERR:
-        raise SystemExit(f"{name}: the mma.sync and default prefill kernels differ by {err_mma:.4g}: WRONG OUTPUT")
-    fns["ours_mma"] = ours_mma
+    # Our other prompt-chunk kernels, each into its own output: they must agree with the one timed as ours.
+    for kernel in OTHER_KERNELS:
+        if kernel == OURS_KERNEL:
+            continue
+        out_other = torch.empty_like(step.out)
+        other = with_prefill_kernel(kernel, lambda out_other=out_other: step.run(out_other))
+        other()
+        err = (out_other.float() - step.out.float()).abs().max().item()
+        row[f"ours_{kernel}_max_abs_err"] = err
+        if not err <= MAX_ABS_ERR:
+            raise SystemExit(f"{name}: the {kernel} and {OURS_KERNEL} prefill kernels differ by {err:.4g}: WRONG OUTPUT")
+        fns[f"ours_{kernel}"] = other
     if per_token:
         fns["per_token"] = lambda: step.run(step.out_unaligned)
     baselines = {"sdpa_default": (None, False), "sdpa_flash": (SDPBackend.FLASH_ATTENTION, False)}
@@ -259,7 +263,9 @@ def bench_shape(name: str, specs: list[tuple[int, int]], calls: int, per_token: 
         row["best_baseline"] = best
         # ours / best: speed ratio (>= 1: faster). Same FLOPs, so the TFLOP/s ratio equals the time ratio.
         row["ours_vs_best"] = measured[best] / times["ours"]
-        row["mma_vs_best"] = measured[best] / times["ours_mma"]
+        for kernel in OTHER_KERNELS:
+            if f"ours_{kernel}" in times:
+                row[f"{kernel}_vs_best"] = measured[best] / times[f"ours_{kernel}"]
     row["ratio_kind"] = RATIO_KIND.get(name, "time")
     del step
     torch.cuda.empty_cache()
@@ -285,9 +291,9 @@ def main() -> None:
           f"head 128, block 16; ours: PAGEDINFER_PREFILL_KERNEL={OURS_KERNEL}; mma.sync kernel with {warp_rows} "
           f"rows a warp)")
     print_table([{k: fmt(v) for k, v in r.items()} for r in rows],
-                ["shape", "gflop", "ours_us", "ours_tflops", "ours_mma_us", "ours_mma_tflops", "sdpa_default_us", "sdpa_default_tflops",
-                 "sdpa_flash_us", "sdpa_flash_tflops", "sdpa_default_mask_us", "per_token_us", "best_baseline",
-                 "ours_vs_best", "mma_vs_best"])
+                ["shape", "gflop", "ours_us", "ours_tflops", "ours_wgmma_us", "ours_mma_us", "sdpa_default_us",
+                 "sdpa_default_tflops", "sdpa_flash_us", "sdpa_flash_tflops", "sdpa_default_mask_us", "per_token_us",
+                 "best_baseline", "ours_vs_best", "wgmma_vs_best", "mma_vs_best"])
     for r in rows:
         notes = {k: v for k, v in r.items() if k.endswith("_note") or (isinstance(v, str) and v.startswith("n/a"))}
         errs = {k: f"{v:.2e}" for k, v in r.items() if k.endswith("_max_abs_err")}
@@ -301,7 +307,7 @@ def main() -> None:
             targets[f"{r['shape']} >= {limit}x {r['best_baseline']}"] = r["ours_vs_best"] >= limit
     for name, ok in targets.items():
         print(f"target {name}: {'MET' if ok else 'MISSED'}")
-    name = "bench_prefill_attention" + ("" if OURS_KERNEL == "wgmma" else f"_{OURS_KERNEL}") + \
+    name = "bench_prefill_attention" + ("" if OURS_KERNEL == "wgmma_ws" else f"_{OURS_KERNEL}") + \
         ("" if warp_rows == "32" else f"_warp{warp_rows}") + ".json"
     print("wrote", write_json(name, {"prefill_kernel": OURS_KERNEL, "prefill_warp_rows": int(warp_rows),
                                      "rows": rows, "targets": targets}))

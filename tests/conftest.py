@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _cpu_duplicate(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
     params = callspec.params if callspec is not None else {}
-    return params.get("device") == "cpu" and params.get("prefill_kernel", "wgmma") != "wgmma"
+    return params.get("device") == "cpu" and params.get("prefill_kernel", "wgmma_ws") != "wgmma_ws"
 
 
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:

@@ -4,10 +4,13 @@
 //   mma_prefill_kernel.cuh       max_query_len > 1, fp16/bf16, head_size 64 or 128: FlashAttention-2 style
 //                                tiles of 128 (token, head) rows against 64-key tiles on tensor cores, one
 //                                CTA per (sequence, kv head, row tile); decodes of a mixed step included
-//   wgmma_prefill_kernel.cuh     the same prompt chunks on an sm_90 device with sm_90a code: the same tiling
-//                                with both products on warpgroup MMA (wgmma); PAGEDINFER_PREFILL_KERNEL=mma
-//                                (read at every launch) keeps the mma.sync kernel instead, =wgmma_serial the
-//                                wgmma kernel without its softmax / P·V overlap, for A/B runs
+//   wgmma_ws_prefill_kernel.cuh  the same prompt chunks on an sm_90 device with sm_90a code: warpgroup MMA
+//                                (wgmma), warp-specialized (a loader warpgroup, two computing), persistent
+//                                (one CTA per SM walks the row tiles), 128-key tiles
+//   wgmma_prefill_kernel.cuh     the same on wgmma, one CTA per row tile, every warp loading and computing;
+//                                PAGEDINFER_PREFILL_KERNEL (read at every launch) picks it (=wgmma; or
+//                                =wgmma_serial: without its softmax / P·V overlap) or the mma.sync kernel
+//                                (=mma) instead, for A/B runs
 //   mma_attention_kernel.cuh     decode (max_query_len == 1), fp16/bf16 with head_size 64 or 128: one CTA
 //                                per (sequence, kv head, head tile, split), the GQA group as the M of the MMA;
 //                                also the general path, per query token, when `out` is not 16-byte aligned
@@ -37,6 +40,7 @@
 #include "attention/simt_attention_kernel.cuh"
 #include "attention/split_kv_reduce_kernel.cuh"
 #include "attention/wgmma_prefill_kernel.cuh"
+#include "attention/wgmma_ws_prefill_kernel.cuh"
 #include "ops.h"
 
 namespace pagedinfer {
@@ -202,6 +206,25 @@ void launch_wgmma_prefill_kernel(const PagedAttentionParams& p, int64_t max_quer
       attention::wgmma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kPipelined>, p, max_query_len, stream);
 }
 
+// The warp-specialized wgmma kernel: persistent, one CTA per SM over the same 128-row items.
+template <typename T, int kHeadSize, int kBlockSize>
+void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, int device,
+                              cudaStream_t stream) {
+  using Cfg = attention::WsPrefillConfig<T, kHeadSize>;
+  const auto kernel = attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize>;
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
+           max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
+  const int64_t row_tiles = attention::prefill_row_tiles(max_query_len, group, Cfg::kRows);
+  const int64_t items = int64_t(p.num_seqs) * p.num_kv_heads * row_tiles;
+  PI_CHECK(items <= std::numeric_limits<int32_t>::max(), "paged_attention: too many work items (", items,
+           ") for one launch");
+  const int64_t grid = std::min<int64_t>(items, device_facts(device).sm_count);
+  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles), int(items));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Whether the wgmma kernel can run on `device`: compute capability 9.x, and the device code loaded for it
 // built with wgmma (sm_90a, or JIT from compute_90a PTX; not a plain sm_90 target, where the kernel would
 // trap): wgmma_build_probe_kernel's static shared memory says which. Once per device; cudaFuncGetAttributes
@@ -221,16 +244,28 @@ bool wgmma_prefill_available(int device) {
   return ok;
 }
 
-// Which prompt-chunk kernel: PAGEDINFER_PREFILL_KERNEL=mma keeps the mma.sync kernel where the wgmma one
-// could run; =wgmma_serial the wgmma kernel without the P·V / softmax overlap; anything else, or unset, the
-// pipelined wgmma kernel where available. Read at every launch (a getenv, ~100 ns) so tests can switch it.
-enum class PrefillKernel { kMma, kWgmmaSerial, kWgmma };
+// Which prompt-chunk kernel: PAGEDINFER_PREFILL_KERNEL=mma keeps the mma.sync kernel where the wgmma ones
+// could run; =wgmma the one-CTA-per-item wgmma kernel, =wgmma_serial the same without the P·V / softmax
+// overlap; anything else, or unset, the warp-specialized wgmma kernel where available. Read at every launch
+// (a getenv, ~100 ns) so tests can switch it.
+enum class PrefillKernel { kMma, kWgmmaSerial, kWgmma, kWgmmaWs };
 
 PrefillKernel prefill_kernel_choice(int device) {
   const char* env = std::getenv("PAGEDINFER_PREFILL_KERNEL");
   const std::string_view choice = env != nullptr ? env : "";
   if (choice == "mma" || !wgmma_prefill_available(device)) return PrefillKernel::kMma;
-  return choice == "wgmma_serial" ? PrefillKernel::kWgmmaSerial : PrefillKernel::kWgmma;
+  if (choice == "wgmma_serial") return PrefillKernel::kWgmmaSerial;
+  return choice == "wgmma" ? PrefillKernel::kWgmma : PrefillKernel::kWgmmaWs;
+}
+
+template <typename T, int kHeadSize>
+void launch_ws_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, int device,
+                              cudaStream_t stream) {
+  switch (p.block_size) {
+    case 16: launch_ws_prefill_kernel<T, kHeadSize, 16>(p, max_query_len, device, stream); break;
+    case 32: launch_ws_prefill_kernel<T, kHeadSize, 32>(p, max_query_len, device, stream); break;
+    default: launch_ws_prefill_kernel<T, kHeadSize, 0>(p, max_query_len, device, stream); break;
+  }
 }
 
 template <typename T, int kHeadSize, bool kPipelined>
@@ -244,7 +279,8 @@ void launch_wgmma_for_block_size(const PagedAttentionParams& p, int64_t max_quer
 
 template <typename T, int kHeadSize>
 void launch_prefill_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, PrefillKernel kernel,
-                                   cudaStream_t stream) {
+                                   int device, cudaStream_t stream) {
+  if (kernel == PrefillKernel::kWgmmaWs) return launch_ws_for_block_size<T, kHeadSize>(p, max_query_len, device, stream);
   if (kernel == PrefillKernel::kWgmma) return launch_wgmma_for_block_size<T, kHeadSize, true>(p, max_query_len, stream);
   if (kernel == PrefillKernel::kWgmmaSerial) {
     return launch_wgmma_for_block_size<T, kHeadSize, false>(p, max_query_len, stream);
@@ -259,8 +295,8 @@ void launch_prefill_for_block_size(const PagedAttentionParams& p, int64_t max_qu
 template <typename T>
 void launch_prefill(const PagedAttentionParams& p, int64_t max_query_len, int device, cudaStream_t stream) {
   const PrefillKernel kernel = prefill_kernel_choice(device);
-  if (p.head_size == 128) launch_prefill_for_block_size<T, 128>(p, max_query_len, kernel, stream);
-  else launch_prefill_for_block_size<T, 64>(p, max_query_len, kernel, stream);
+  if (p.head_size == 128) launch_prefill_for_block_size<T, 128>(p, max_query_len, kernel, device, stream);
+  else launch_prefill_for_block_size<T, 64>(p, max_query_len, kernel, device, stream);
 }
 
 template <typename T>

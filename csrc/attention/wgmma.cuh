@@ -1,7 +1,7 @@
 // Thin wrappers over the warpgroup MMA instructions of sm_90a (wgmma.mma_async and its fences), the
 // shared-memory matrix descriptor they read operands through, and the proxy fence that orders ordinary
 // (generic-proxy) shared-memory writes, cp.async included, before wgmma's (async-proxy) reads.
-// Only the m64n64k16 shapes with fp32 accumulators the prefill kernel uses. No torch headers.
+// Also the mbarrier and register-reallocation primitives of the warp-specialized kernel. No torch headers.
 //
 // PAGEDINFER_WGMMA is 1 only in a device pass that targets sm_90a (or compute_90a PTX): wgmma exists
 // nowhere else. Elsewhere the wrappers compile to nothing and the kernel that uses them traps; the
@@ -68,115 +68,133 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 __device__ __forceinline__ void wgmma_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void wgmma_fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
-// d[64 x 64] (+)= A[64 x 16] * B[16 x 64], both operands in shared memory, both K-major (no transpose).
-// accumulate false: d = A * B (d's previous contents ignored).
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate);
+// ---- mbarriers, named barriers, register reallocation (the warp-specialized kernel's synchronization) -----
 
-template <>
-__device__ __forceinline__ void wgmma_m64n64k16_ss<__nv_bfloat16>(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                                                 bool accumulate) {
+// A shared-memory mbarrier expecting `count` arrivals per phase. Initialized by one thread, then published
+// to the CTA by a __syncthreads.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
 #if PAGEDINFER_WGMMA
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0));
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 #endif
 }
 
-template <>
-__device__ __forceinline__ void wgmma_m64n64k16_ss<__half>(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                                          bool accumulate) {
+// One arrival (release: this thread's earlier shared-memory writes are visible to whoever waits).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
 #if PAGEDINFER_WGMMA
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0));
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 #endif
 }
 
-// d[64 x 64] = A[64 x 16] * B[16 x 64] (scale-d 0: d's previous contents neither read nor kept), the
-// first k-step of a product; operands as in wgmma_m64n64k16_ss.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16_ss_first(float (&d)[32], uint64_t desc_a, uint64_t desc_b);
-
-template <>
-__device__ __forceinline__ void wgmma_m64n64k16_ss_first<__nv_bfloat16>(float (&d)[32], uint64_t desc_a,
-                                                                       uint64_t desc_b) {
+// One arrival made when every cp.async this thread issued so far has landed (the count must include it:
+// .noinc does not add a pending arrival).
+__device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint32_t bar) {
 #if PAGEDINFER_WGMMA
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(0));
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 #endif
 }
 
-template <>
-__device__ __forceinline__ void wgmma_m64n64k16_ss_first<__half>(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+// Waits until the phase of parity `parity` has completed (acquire). A fresh barrier is in phase 0, so
+// waiting on parity 1 returns at once: that is how a producer finds every slot free the first time.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 #if PAGEDINFER_WGMMA
   asm volatile(
       "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(0));
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
 #endif
 }
 
-// d[64 x 64] += A[64 x 16] * B[16 x 64], A from registers (the m16n8k16 A fragment of the thread's warp's
-// 16 rows: a[0] (row g, k 2t..2t+1), a[1] (row g+8, ...), a[2] (row g, k 2t+8..), a[3] (row g+8, k 2t+8..)),
-// B in shared memory MN-major (tnspB = 1: N contiguous, the rows of the buffer are K).
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16_rs_tn(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b);
-
-template <>
-__device__ __forceinline__ void wgmma_m64n64k16_rs_tn<__nv_bfloat16>(float (&d)[32], const uint32_t (&a)[4],
-                                                                    uint64_t desc_b) {
+// Gives this warpgroup's registers back (producer) or takes them (consumers): all warps of a warpgroup
+// execute the same one. kRegs: a multiple of 8 in [24, 256].
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_release_registers() {
 #if PAGEDINFER_WGMMA
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_claim_registers() {
+#if PAGEDINFER_WGMMA
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 #endif
 }
 
-template <>
-__device__ __forceinline__ void wgmma_m64n64k16_rs_tn<__half>(float (&d)[32], const uint32_t (&a)[4],
-                                                             uint64_t desc_b) {
+// ---- the MMAs: m64nNk16 with fp32 accumulators, N = 64 or 128 ----------------------------------------------
+// Wgmma<T, N>::ss        d (+)= A[64 x 16] * B[16 x N], A and B in shared memory, both K-major
+//                        (accumulate false: d = A * B, its previous contents neither read nor kept)
+// Wgmma<T, N>::ss_first  d = A * B (d written only: the compiler need not keep or initialize it)
+// Wgmma<T, N>::rs_tn     d += A * B, A from registers (the m16n8k16 A fragment of the thread's warp's 16
+//                        rows: a[0] (row g, k 2t..2t+1), a[1] (row g+8, ..), a[2] (row g, k 2t+8..),
+//                        a[3] (row g+8, k 2t+8..)), B in shared memory MN-major (tnspB = 1: N contiguous)
+// d: N / 2 floats per thread; element 4j + e is row g + 8 (e / 2) of the warp's 16, column 8j + 2t + e % 2.
+template <typename T, int N>
+struct Wgmma;
+
+#define PI_REGS_32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define PI_REGS_64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define PI_ACC_32(c, d) c(d[0]), c(d[1]), c(d[2]), c(d[3]), c(d[4]), c(d[5]), c(d[6]), c(d[7]), c(d[8]), c(d[9]), c(d[10]), c(d[11]), c(d[12]), c(d[13]), c(d[14]), c(d[15]), c(d[16]), c(d[17]), c(d[18]), c(d[19]), c(d[20]), c(d[21]), c(d[22]), c(d[23]), c(d[24]), c(d[25]), c(d[26]), c(d[27]), c(d[28]), c(d[29]), c(d[30]), c(d[31])
+#define PI_ACC_64(c, d) PI_ACC_32(c, d), c(d[32]), c(d[33]), c(d[34]), c(d[35]), c(d[36]), c(d[37]), c(d[38]), c(d[39]), c(d[40]), c(d[41]), c(d[42]), c(d[43]), c(d[44]), c(d[45]), c(d[46]), c(d[47]), c(d[48]), c(d[49]), c(d[50]), c(d[51]), c(d[52]), c(d[53]), c(d[54]), c(d[55]), c(d[56]), c(d[57]), c(d[58]), c(d[59]), c(d[60]), c(d[61]), c(d[62]), c(d[63])
+
 #if PAGEDINFER_WGMMA
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+// SHAPE: "m64n64k16" or "m64n128k16"; REGS / ACC: its accumulator list; A, B, P: the operand numbers of the
+// A descriptor (or first A register), the B descriptor and the scale-d predicate's source.
+#define PI_WGMMA_SS(SHAPE, PTX, REGS, ACC, C, A, B, P, SCALE_D)                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" P ", 0;\n"                                              \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." PTX "." PTX " " REGS ", %" A ", %" B              \
+               ", p, 1, 1, 0, 0;\n}\n"                                                                     \
+               : ACC(C, d)                                                                                 \
+               : "l"(desc_a), "l"(desc_b), "r"(SCALE_D))
+#define PI_WGMMA_RS_TN(SHAPE, PTX, REGS, ACC, A0, A1, A2, A3, B, P)                                         \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" P ", 0;\n"                                              \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." PTX "." PTX " " REGS ", {%" A0 ", %" A1           \
+               ", %" A2 ", %" A3 "}, %" B ", p, 1, 1, 1;\n}\n"                                             \
+               : ACC("+f", d)                                                                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#else
+#define PI_WGMMA_SS(...)
+#define PI_WGMMA_RS_TN(...)
 #endif
-}
+
+#define PI_DEFINE_WGMMA(T, PTX)                                                                            \
+  template <>                                                                                              \
+  struct Wgmma<T, 64> {                                                                                    \
+    static __device__ __forceinline__ void ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool acc) { \
+      PI_WGMMA_SS("m64n64k16", PTX, PI_REGS_32, PI_ACC_32, "+f", "32", "33", "34", acc ? 1 : 0);           \
+    }                                                                                                      \
+    static __device__ __forceinline__ void ss_first(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {    \
+      PI_WGMMA_SS("m64n64k16", PTX, PI_REGS_32, PI_ACC_32, "=f", "32", "33", "34", 0);                     \
+    }                                                                                                      \
+    static __device__ __forceinline__ void rs_tn(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) { \
+      PI_WGMMA_RS_TN("m64n64k16", PTX, PI_REGS_32, PI_ACC_32, "32", "33", "34", "35", "36", "37");         \
+    }                                                                                                      \
+  };                                                                                                       \
+  template <>                                                                                              \
+  struct Wgmma<T, 128> {                                                                                   \
+    static __device__ __forceinline__ void ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool acc) { \
+      PI_WGMMA_SS("m64n128k16", PTX, PI_REGS_64, PI_ACC_64, "+f", "64", "65", "66", acc ? 1 : 0);          \
+    }                                                                                                      \
+    static __device__ __forceinline__ void ss_first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {    \
+      PI_WGMMA_SS("m64n128k16", PTX, PI_REGS_64, PI_ACC_64, "=f", "64", "65", "66", 0);                    \
+    }                                                                                                      \
+    static __device__ __forceinline__ void rs_tn(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) { \
+      PI_WGMMA_RS_TN("m64n128k16", PTX, PI_REGS_64, PI_ACC_64, "64", "65", "66", "67", "68", "69");        \
+    }                                                                                                      \
+  };
+
+PI_DEFINE_WGMMA(__nv_bfloat16, "bf16")
+PI_DEFINE_WGMMA(__half, "f16")
+
+#undef PI_DEFINE_WGMMA
+#undef PI_WGMMA_SS
+#undef PI_WGMMA_RS_TN
+#undef PI_ACC_64
+#undef PI_ACC_32
+#undef PI_REGS_64
+#undef PI_REGS_32
 
 }  // namespace pagedinfer::attention

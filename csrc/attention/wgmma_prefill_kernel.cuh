@@ -249,8 +249,8 @@ __global__ void __launch_bounds__(WgmmaPrefillConfig<T, kHeadSize>::kThreads, 1)
       const uint32_t in_row = uint32_t(ks & 3) * 32u;  // bytes into the 128-byte rows: columns 16 (ks % 4) ..
       const uint64_t da = wgmma_desc_sw128(q_wg_addr + (ks >> 2) * Cfg::kQHalfBytes + in_row, 16, 1024);
       const uint64_t db = wgmma_desc_sw128(k_addr + (ks >> 2) * Cfg::kTileHalfBytes + in_row, 16, 1024);
-      if (ks == 0) wgmma_m64n64k16_ss_first<T>(s, da, db);
-      else wgmma_m64n64k16_ss<T>(s, da, db, true);
+      if (ks == 0) Wgmma<T, 64>::ss_first(s, da, db);
+      else Wgmma<T, 64>::ss(s, da, db, true);
     }
     wgmma_commit();
   };
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(WgmmaPrefillConfig<T, kHeadSize>::kThreads, 1)
       for (int h = 0; h < Cfg::kHalves; ++h) {
         const uint64_t dv =
             wgmma_desc_sw128(v_addr + h * Cfg::kTileHalfBytes + kk * 16 * Cfg::kRowBytes, 1024, 1024);
-        wgmma_m64n64k16_rs_tn<T>(o[h], pa[kk], dv);
+        Wgmma<T, 64>::rs_tn(o[h], pa[kk], dv);
       }
     }
     wgmma_commit();

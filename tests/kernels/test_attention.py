@@ -39,20 +39,21 @@ def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
         inputs.query.dtype, name="paged_attention")
 
 
-# On an sm_90 GPU (with sm_90a code) prompt chunks run wgmma_prefill_kernel.cuh (pipelined);
-# PAGEDINFER_PREFILL_KERNEL (read by the launcher at every call) selects the mma.sync kernel ("mma") or the
-# wgmma kernel without its softmax / P·V overlap ("wgmma_serial") instead. Tests with prompt chunks run
-# under the first two (PREFILL_KERNELS), those of the prefill kernel's own tiling under all three
-# (ALL_PREFILL_KERNELS). On the CPU, and on GPUs without wgmma, every choice takes the same path: the CPU
-# runs only the first (tests/conftest.py deselects the others).
+# On an sm_90 GPU (with sm_90a code) prompt chunks run wgmma_ws_prefill_kernel.cuh (warp-specialized);
+# PAGEDINFER_PREFILL_KERNEL (read by the launcher at every call) selects the one-CTA-per-tile wgmma kernel
+# ("wgmma"), the same without its softmax / P·V overlap ("wgmma_serial") or the mma.sync kernel ("mma")
+# instead. Tests with prompt chunks run under wgmma_ws, wgmma and mma (PREFILL_KERNELS), those of the prefill
+# kernels' own tiling under all four (ALL_PREFILL_KERNELS). On the CPU, and on GPUs without wgmma, every
+# choice takes the same path: the CPU runs only the first (tests/conftest.py deselects the others).
 @pytest.fixture
 def prefill_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("PAGEDINFER_PREFILL_KERNEL", request.param)
     return request.param
 
 
-PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma", "mma"], indirect=True)
-ALL_PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma", "wgmma_serial", "mma"], indirect=True)
+PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma_ws", "wgmma", "mma"], indirect=True)
+ALL_PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma_ws", "wgmma", "wgmma_serial", "mma"],
+                                              indirect=True)
 
 
 # (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Lengths straddle multiples of
@@ -272,11 +273,11 @@ def test_cuda_graph_decode_with_growing_contexts(dtype, sliding_window):
     assert (out[[1, 6]] == 0).all()  # padded rows
 
 
-# ---- CUDA only: the prompt-chunk kernel's tiling --------------------------------------------------------
-# On CUDA, max_query_len > 1 in fp16/bf16 with head 64/128 runs wgmma_prefill_kernel.cuh on sm_90, else (and
-# under PAGEDINFER_PREFILL_KERNEL=mma) mma_prefill_kernel.cuh; both: CTAs of 128
-# (token, head) rows, token-major, against 64-key tiles; full tiles unmasked, diagonal and window-edge tiles
-# masked, tiles no row sees skipped. These shapes put every edge of that tiling under test.
+# ---- CUDA only: the prompt-chunk kernels' tiling -------------------------------------------------------
+# On CUDA, max_query_len > 1 in fp16/bf16 with head 64/128 runs wgmma_ws_prefill_kernel.cuh on sm_90, else
+# (and under PAGEDINFER_PREFILL_KERNEL=mma) mma_prefill_kernel.cuh; all: items of 128 (token, head) rows,
+# token-major, against 64-key tiles (128 in the warp-specialized kernel); full tiles unmasked, diagonal and
+# window-edge tiles masked, tiles no row sees skipped. These shapes put every edge of that tiling under test.
 PREFILL_TILING = {
     # q_len not a multiple of the row tile; several row tiles over a long context; a prompt from empty
     # spanning a row tile by one token (257 x group 1 = 2 x 128 + 1 rows).
@@ -298,6 +299,27 @@ def test_prefill_tiling(prefill_kernel, case, group, head_size, block_size, dtyp
     # With a window of 100 the chunk over 300 cached tokens starts its first row's window mid-tile (key 201).
     inputs = make_paged_inputs(PREFILL_TILING[case], num_heads=2 * group, num_kv_heads=2,
                                head_size=head_size, block_size=block_size, dtype=dtype, device="cuda")
+    check_attention(inputs, softmax_scale(head_size), sliding_window)
+
+
+@PREFILL_KERNELS
+@pytest.mark.gpu
+@pytest.mark.parametrize("sliding_window", [-1, 64])
+@pytest.mark.parametrize("head_size", [128, 64])
+def test_prefill_many_items_per_cta(prefill_kernel, head_size, sliding_window):
+    """Thousands of row tiles in one launch (the warp-specialized kernel's persistent CTAs each walk ~20,
+    its Q buffers and K/V ring slots through many phases): chunks from empty and over context, decodes,
+    padded rows and sequences shorter than the longest (row tiles past their rows), in random order."""
+    gen = torch.Generator().manual_seed(7)
+    specs = []
+    for _ in range(48):
+        kind = int(torch.randint(0, 6, (1,), generator=gen))
+        q_len = int(torch.randint(2, 600, (1,), generator=gen))
+        ctx = int(torch.randint(0, 900, (1,), generator=gen))
+        specs.append([(0, q_len), (ctx, q_len), (ctx, 1), (PAD, q_len), (0, 600), (ctx, 129)][kind])
+    inputs = make_paged_inputs(specs, num_heads=32, num_kv_heads=8, head_size=head_size, block_size=16,
+                               dtype=torch.bfloat16, device="cuda")
+    assert inputs.max_query_len * 4 // 128 * 8 * len(specs) > 20 * 132  # > 20 row tiles per SM of an H100
     check_attention(inputs, softmax_scale(head_size), sliding_window)
 
 

@@ -1,0 +1,475 @@
+// Paged attention for prompt chunks on sm_90a, warp-specialized and persistent (FlashAttention-3's shape;
+// fp16/bf16, head_size 64 or 128). Same work items and semantics as the other prompt-chunk kernels (an item
+// is a tile of 128 (token, head-of-group) rows of one (sequence, kv head), token-major; masks only where a
+// row's range cuts a key tile; tiles no row sees skipped; invalid keys zero-filled; padded rows -> zeros),
+// and the same shared-memory layout as wgmma_prefill_kernel.cuh (128-byte-swizzle canonical halves), but:
+//
+//   * one CTA per SM (grid = min(items, SMs)) walks the items longest-first (item blockIdx.x, + gridDim.x,
+//     ...), so one item's loads overlap the previous item's last tiles and its output writes;
+//   * warpgroup 0 only loads (its 128 threads gather Q and the K/V rows of each 128-key tile from the
+//     paged cache by cp.async; TMA cannot gather rows of a block table), warpgroups 1 and 2 only compute,
+//     64 rows each; they meet at mbarriers, never at a CTA barrier:
+//       q_full / q_empty [2]     a Q buffer (and its item's record) loaded / released by both consumers
+//       k_full / k_empty [S]     a K slot loaded / read by both consumers' Q·K^T
+//       v_full / v_empty [S]     a V slot loaded / read by both consumers' P·V
+//     Loads complete the "full" barriers by cp.async.mbarrier.arrive (one arrival per producer thread, when
+//     its copies land); each consumer warp arrives on "empty" once it is done with the slot (8 arrivals).
+//   * tiles of 128 keys: S = Q·K^T on wgmma m64n128k16 (head/16 k-steps), O += P·V on m64n{head}k16 (8
+//     k-steps, P from registers, V MN-major), the previous tile's P·V issued behind this tile's Q·K^T so it
+//     runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap);
+//   * the register file is split by setmaxnreg: the loader keeps few, the consumers hold S, P and O
+//     (64 + 32 + head/2 floats a thread).
+//
+// Slot reuse follows the mbarrier phases: the producer waits for the phase of "empty" that frees the slot
+// (parity flipped: a fresh barrier lets the first pass through), the consumers for the phase of "full"
+// that filled it. A consumer warp arrives on a slot's "empty" only after waiting on its "full" (even for a
+// tile it skips), so its arrival always counts toward the right phase.
+#pragma once
+
+#include <cstdint>
+
+#include "attention/attention_params.cuh"
+#include "attention/ptx.cuh"
+#include "attention/wgmma.cuh"
+#include "attention/wgmma_prefill_kernel.cuh"  // sw128_offset
+
+namespace pagedinfer::attention {
+
+// What the loader tells the consumers about the item in a Q buffer (written before it fills q_full).
+struct PrefillWork {
+  int status;      // kComputeItem, kZeroItem (padded rows: write zeros) or kNoMoreItems
+  int q_start;     // first query token of the sequence
+  int row0;        // first (token, head) row of the item within the sequence's rows
+  int cta_rows;    // rows of the item (<= 128)
+  int kv_head;
+  int context;     // tokens of the sequence before its new ones
+  int key_begin;   // keys [key_begin, key_end) are loaded; others are zero-filled
+  int key_end;
+  int tile_first;  // first 128-key tile
+  int num_tiles;
+};
+constexpr int kComputeItem = 0, kZeroItem = 1, kNoMoreItems = 2;
+
+template <typename T, int kHeadSize>
+struct WsPrefillConfig {
+  static_assert(kHeadSize == 64 || kHeadSize == 128, "the wgmma path is specialized for 64 and 128");
+  static constexpr int kRows = 128;                  // rows per item: 2 consumer warpgroups x 64
+  static constexpr int kThreads = 384;               // warpgroup 0 loads, 1 and 2 compute
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kTileKeys = 128;              // keys per tile: the N of S, the K of P·V
+  static constexpr int kStages = kHeadSize == 128 ? 2 : 4;  // K/V ring slots
+  static constexpr int kQStages = 2;                 // the next item's Q loads while this one computes
+  static constexpr int kHalves = kHeadSize / 64;     // 64-element (128-byte) column halves of a row
+  static constexpr int kChunks = kHeadSize / 8;      // 16-byte chunks per row
+  static constexpr int kRowBytes = 128;
+  static constexpr int kTileHalfBytes = kTileKeys * kRowBytes;  // 16 KB
+  static constexpr int kTileBytes = kHalves * kTileHalfBytes;   // K (or V) of one tile
+  static constexpr int kQHalfBytes = kRows * kRowBytes;         // 16 KB
+  static constexpr int kQBytes = kHalves * kQHalfBytes;
+  static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
+  static constexpr int kRingBytes = kQStages * kQBytes + 2 * kStages * kTileBytes;
+  // + 1 KB: the dynamic shared memory base is aligned up to the 1 KB the swizzle atoms need.
+  static constexpr int kSmemBytes =
+      kRingBytes + kBarriers * 8 + kQStages * int(sizeof(PrefillWork)) + 1024;  // 193 KB (128), 161 KB (64)
+  static constexpr int kProducerRegs = 56;   // 128 x 56 + 256 x 224 <= 64 K registers
+  static constexpr int kConsumerRegs = 224;
+  static constexpr int kQPasses = kRows * kChunks / 128;       // 16-byte copies per loader thread
+  static constexpr int kRowsPerPass = 128 / kChunks;           // K/V rows the loaders copy per pass
+  static constexpr int kLoadPasses = kTileKeys / kRowsPerPass;
+  static_assert(kRowsPerPass % 8 == 0, "the swizzle must repeat from pass to pass");
+};
+
+// kBlockSize: 16 or 32 (compile time), or 0 (any block size). row_tiles: prefill_row_tiles(max_query_len,
+// group, kRows); num_items = num_seqs * num_kv_heads * row_tiles; both from host ints (CUDA-graph safe).
+template <typename T, int kHeadSize, int kBlockSize>
+__global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
+    wgmma_ws_prefill_attention_kernel(const PagedAttentionParams p, const int row_tiles, const int num_items) {
+#if PAGEDINFER_WGMMA
+  using Cfg = WsPrefillConfig<T, kHeadSize>;
+  constexpr int kKSteps = kHeadSize / 16;        // k-steps of Q·K^T
+  constexpr int kPSteps = Cfg::kTileKeys / 16;   // k-steps of P·V
+  constexpr int kSRegs = Cfg::kTileKeys / 2;     // S (then P) of one tile, per thread
+  constexpr int kORegs = kHeadSize / 2;          // O, per thread
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw_addr = smem_address(smem_raw);
+  unsigned char* smem = smem_raw + ((1024u - (raw_addr & 1023u)) & 1023u);
+  const uint32_t q_addr = smem_address(smem);                         // [kQStages][half][128 rows][64]
+  const uint32_t k_addr = q_addr + Cfg::kQStages * Cfg::kQBytes;      // [kStages][half][128 keys][64]
+  const uint32_t v_addr = k_addr + Cfg::kStages * Cfg::kTileBytes;    // [kStages][half][128 keys][64]
+  const uint32_t bar_addr = v_addr + Cfg::kStages * Cfg::kTileBytes;  // the mbarriers, 8 bytes each
+  auto q_full = [&](int s) { return bar_addr + 8u * s; };
+  auto q_empty = [&](int s) { return bar_addr + 8u * (Cfg::kQStages + s); };
+  auto k_full = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + s); };
+  auto k_empty = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + Cfg::kStages + s); };
+  auto v_full = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + 2 * Cfg::kStages + s); };
+  auto v_empty = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + 3 * Cfg::kStages + s); };
+  PrefillWork* records = reinterpret_cast<PrefillWork*>(smem + Cfg::kRingBytes + Cfg::kBarriers * 8);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < Cfg::kQStages; ++s) {
+      // Every loader thread when its Q copies land, and loader thread 0 once more right after it wrote
+      // the record (a plain arrival releases those stores; an arrival on cp.async completion may not).
+      mbarrier_init(q_full(s), 129);
+      mbarrier_init(q_empty(s), Cfg::kConsumerWarps);
+    }
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbarrier_init(k_full(s), 128);
+      mbarrier_init(k_empty(s), Cfg::kConsumerWarps);
+      mbarrier_init(v_full(s), 128);
+      mbarrier_init(v_empty(s), Cfg::kConsumerWarps);
+    }
+  }
+  __syncthreads();
+
+  const int group = p.num_heads / p.num_kv_heads;
+  const int window = p.sliding_window;
+
+  if (threadIdx.x < 128) {
+    // ======== loader warpgroup ==============================================================================
+    warpgroup_release_registers<Cfg::kProducerRegs>();
+    const int lt = threadIdx.x;
+    const int table_keys = p.max_blocks_per_seq * p.block_size;
+    const int block_size = kBlockSize > 0 ? kBlockSize : p.block_size;
+    const T* kv = static_cast<const T*>(p.kv_cache);
+    const int64_t token_stride = int64_t(p.num_kv_heads) * kHeadSize;
+    const bool q_aligned = reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && p.q_row_stride % 8 == 0;
+    const int ld_row = lt / Cfg::kChunks, ld_chunk = lt % Cfg::kChunks;
+    const uint32_t ld_dst = sw128_offset(ld_row, ld_chunk, Cfg::kTileHalfBytes);
+    int q_slot = 0, stage = 0;
+    uint32_t q_phase = 0, phase = 0;
+    for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
+      // Item -> (sequence, kv head, row tile), the last row tile first: it sees the most keys.
+      const int row_tile = row_tiles - 1 - item % row_tiles;
+      const int kv_head = (item / row_tiles) % p.num_kv_heads;
+      const int seq = item / row_tiles / p.num_kv_heads;
+      const int q_start = p.query_start_loc[seq];
+      const int q_len = p.query_start_loc[seq + 1] - q_start;
+      const int seq_len = p.seq_lens[seq];
+      const int row0 = row_tile * Cfg::kRows;
+      if (row0 >= q_len * group) continue;  // the sequence is shorter than the longest: no such rows
+      PrefillWork w;
+      w.status = seq_len > 0 ? kComputeItem : kZeroItem;
+      w.q_start = q_start;
+      w.row0 = row0;
+      w.cta_rows = q_len * group - row0 < Cfg::kRows ? q_len * group - row0 : Cfg::kRows;
+      w.kv_head = kv_head;
+      w.context = seq_len - q_len;
+      const int pos_lo = w.context + row0 / group;
+      const int pos_hi = w.context + (row0 + w.cta_rows - 1) / group;
+      w.key_begin = window > 0 && pos_lo - window + 1 > 0 ? pos_lo - window + 1 : 0;
+      w.key_end = pos_hi + 1 < table_keys ? pos_hi + 1 : table_keys;
+      w.tile_first = w.key_begin / Cfg::kTileKeys;
+      w.num_tiles = seq_len > 0 && w.key_end > w.key_begin
+                        ? (w.key_end + Cfg::kTileKeys - 1) / Cfg::kTileKeys - w.tile_first
+                        : 0;
+
+      // ---- Q (rows past cta_rows zero-filled) and the record, in Q buffer q_slot ----
+      mbarrier_wait(q_empty(q_slot), q_phase ^ 1u);
+      if (lt == 0) {
+        records[q_slot] = w;
+        mbarrier_arrive(q_full(q_slot));
+      }
+      if (w.num_tiles > 0) {
+        const T* query = static_cast<const T*>(p.query);
+        unsigned char* q_buf = smem + q_slot * Cfg::kQBytes;
+#pragma unroll 4
+        for (int pass = 0; pass < Cfg::kQPasses; ++pass) {
+          const int c = lt + 128 * pass;
+          const int r = c / Cfg::kChunks, chunk = c % Cfg::kChunks;
+          const bool valid = r < w.cta_rows;
+          const int fr = row0 + r;
+          const T* src = valid ? query + int64_t(q_start + fr / group) * p.q_row_stride +
+                                     int64_t(kv_head * group + fr % group) * kHeadSize + chunk * 8
+                               : query;
+          unsigned char* dst = q_buf + sw128_offset(r, chunk, Cfg::kQHalfBytes);
+          if (q_aligned) {
+            cp_async_16(dst, src, valid);
+          } else {  // a query view not 16-byte aligned: 2-byte loads, plain stores
+            const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+            uint32_t v[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[i] = valid ? uint32_t(s16[2 * i]) | (uint32_t(s16[2 * i + 1]) << 16) : 0u;
+            *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
+          }
+        }
+        if (q_aligned) {
+          mbarrier_arrive_on_cp_async(q_full(q_slot));
+        } else {
+          fence_proxy_async_shared();  // plain stores -> wgmma's reads
+          mbarrier_arrive(q_full(q_slot));
+        }
+      } else {
+        mbarrier_arrive(q_full(q_slot));
+      }
+      if (++q_slot == Cfg::kQStages) { q_slot = 0; q_phase ^= 1u; }
+
+      // ---- K and V of each tile into the ring; keys outside [key_begin, key_end) zero-filled (src-size 0):
+      // stale cache rows may hold NaN ----
+      const int32_t* block_table = p.block_tables + int64_t(seq) * p.max_blocks_per_seq;
+      const T* src_base = kv + int64_t(kv_head) * kHeadSize + ld_chunk * 8;
+      auto load_rows = [&](int tile, uint32_t slot_addr, int64_t part_offset) {
+        const int key0 = tile * Cfg::kTileKeys + ld_row;
+#pragma unroll 4
+        for (int pass = 0; pass < Cfg::kLoadPasses; ++pass) {
+          const int key = key0 + pass * Cfg::kRowsPerPass;
+          const bool valid = key >= w.key_begin && key < w.key_end;
+          int64_t src = 0;
+          if (valid) src = kv_row_offset(block_table, key, block_size, token_stride, 0) + part_offset;
+          const uint32_t dst = slot_addr + ld_dst + pass * Cfg::kRowsPerPass * Cfg::kRowBytes;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src_base + src),
+                       "r"(valid ? 16 : 0));
+        }
+      };
+      for (int i = 0; i < w.num_tiles; ++i) {
+        const int tile = w.tile_first + i;
+        mbarrier_wait(k_empty(stage), phase ^ 1u);
+        load_rows(tile, k_addr + stage * Cfg::kTileBytes, 0);
+        mbarrier_arrive_on_cp_async(k_full(stage));
+        mbarrier_wait(v_empty(stage), phase ^ 1u);
+        load_rows(tile, v_addr + stage * Cfg::kTileBytes, p.v_offset);
+        mbarrier_arrive_on_cp_async(v_full(stage));
+        if (++stage == Cfg::kStages) { stage = 0; phase ^= 1u; }
+      }
+    }
+    mbarrier_wait(q_empty(q_slot), q_phase ^ 1u);
+    if (lt == 0) {
+      records[q_slot].status = kNoMoreItems;
+      mbarrier_arrive(q_full(q_slot));
+    }
+    mbarrier_arrive(q_full(q_slot));
+    return;
+  }
+
+  // ======== consumer warpgroups ===============================================================================
+  warpgroup_claim_registers<Cfg::kConsumerRegs>();
+  const int wg = threadIdx.x / 128 - 1;          // consumer warpgroup: rows 64 wg .. 64 wg + 63
+  const int ct = threadIdx.x - 128;              // consumer thread 0 .. 255
+  const int lane = threadIdx.x % 32;
+  const int wg_warp = (threadIdx.x / 32) % 4;    // warp within the warpgroup: its 16 rows
+  const int g = lane / 4, t = lane % 4;          // accumulator fragment coordinates
+  const int wg_row0 = wg * 64;
+  auto release = [&](uint32_t bar) {
+    if (lane == 0) mbarrier_arrive(bar);
+  };
+
+  int q_slot = 0, stage = 0;
+  uint32_t q_phase = 0, phase = 0;
+  for (;;) {
+    mbarrier_wait(q_full(q_slot), q_phase);
+    const PrefillWork w = records[q_slot];
+    if (w.status == kNoMoreItems) break;
+    const uint32_t q_wg_addr = q_addr + q_slot * Cfg::kQBytes + wg_row0 * Cfg::kRowBytes;
+    const int this_q_slot = q_slot;
+    if (++q_slot == Cfg::kQStages) { q_slot = 0; q_phase ^= 1u; }
+    auto out_offset = [&](int r) -> int64_t {
+      const int fr = w.row0 + r;
+      return (int64_t(w.q_start + fr / group) * p.num_heads + w.kv_head * group + fr % group) * kHeadSize;
+    };
+    if (w.status == kZeroItem) {  // padded rows: zeros
+      release(q_empty(this_q_slot));
+      constexpr int kVecs = kHeadSize / 8;
+      for (int i = ct; i < w.cta_rows * kVecs; i += 256) {
+        T* o = static_cast<T*>(p.out) + out_offset(i / kVecs) + (i % kVecs) * 8;
+        *reinterpret_cast<uint4*>(o) = make_uint4(0u, 0u, 0u, 0u);
+      }
+      continue;
+    }
+    fence_proxy_async_shared();  // Q's cp.async writes (generic proxy) -> wgmma's reads (async proxy)
+
+    const bool wg_active = wg_row0 < w.cta_rows;
+    const int wg_last = (wg_row0 + 64 < w.cta_rows ? wg_row0 + 64 : w.cta_rows) - 1;
+    const int wg_pos_lo = w.context + (w.row0 + wg_row0) / group;
+    const int wg_pos_hi = w.context + (w.row0 + wg_last) / group;
+    // Position of this thread's row g + 8h of its warp; -1 past cta_rows (sees nothing, never written).
+    auto row_position = [&](int h) {
+      const int r = wg_row0 + 16 * wg_warp + g + 8 * h;
+      return r < w.cta_rows ? w.context + (w.row0 + r) / group : -1;
+    };
+
+    float o[kORegs];
+#pragma unroll
+    for (int i = 0; i < kORegs; ++i) o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY};  // running max (raw scores) of rows g and g + 8
+    float row_sum[2] = {0.f, 0.f};              // this thread's share of the running sums
+    float s[kSRegs];                            // S, then P, of the current tile (accumulator layout)
+    uint32_t pa[kPSteps][4];                    // P as A fragments, one per k-step of P·V
+    bool p_pending = false;                     // P of the previous visible tile waits in pa for its P·V
+    int pv_stage = 0;
+    uint32_t pv_phase = 0;
+
+    auto issue_qk = [&](int st) {
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const uint32_t in_row = uint32_t(ks & 3) * 32u;  // bytes into the 128-byte rows: columns 16 (ks % 4) ..
+        const uint64_t da = wgmma_desc_sw128(q_wg_addr + (ks >> 2) * Cfg::kQHalfBytes + in_row, 16, 1024);
+        const uint64_t db =
+            wgmma_desc_sw128(k_addr + st * Cfg::kTileBytes + (ks >> 2) * Cfg::kTileHalfBytes + in_row, 16, 1024);
+        if (ks == 0) Wgmma<T, Cfg::kTileKeys>::ss_first(s, da, db);
+        else Wgmma<T, Cfg::kTileKeys>::ss(s, da, db, true);
+      }
+      wgmma_commit();
+    };
+    // V MN-major: 8-key atoms 1 KB apart (stride byte offset), 64-dim halves a tile-half apart (leading).
+    auto issue_pv = [&](int st) {
+#pragma unroll
+      for (int i = 0; i < kORegs; ++i) wgmma_fence_operand(o[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kPSteps; ++kk) {
+        const uint64_t dv = wgmma_desc_sw128(v_addr + st * Cfg::kTileBytes + kk * 16 * Cfg::kRowBytes,
+                                             Cfg::kTileHalfBytes, 1024);
+        Wgmma<T, kHeadSize>::rs_tn(o, pa[kk], dv);
+      }
+      wgmma_commit();
+    };
+    auto pv_done = [&]() {
+#pragma unroll
+      for (int i = 0; i < kORegs; ++i) wgmma_fence_operand(o[i]);
+#pragma unroll
+      for (int kk = 0; kk < kPSteps; ++kk) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) wgmma_fence_operand(pa[kk][i]);
+      }
+    };
+    // Mask and online softmax of S (landed) for keys key0 ..: s becomes P (unnormalized), row_max and
+    // row_sum advance; O's rescale factors are returned, not applied (a P·V may still be writing O).
+    auto softmax = [&](int key0, bool needs_mask, float (&rescale)[2]) {
+#pragma unroll
+      for (int i = 0; i < kSRegs; ++i) wgmma_fence_operand(s[i]);
+      if (needs_mask) {
+        const int pos[2] = {row_position(0), row_position(1)};
+#pragma unroll
+        for (int j = 0; j < kSRegs / 4; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + 8 * j + 2 * t + (e & 1);
+            if (key > pos[e / 2] || key >= w.key_end || (window > 0 && key <= pos[e / 2] - window)) {
+              s[4 * j + e] = -INFINITY;
+            }
+          }
+        }
+      }
+      // The row's 4 threads (a quad) hold its 128 scores, 32 each.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kSRegs / 4; ++j) tile_max = fmaxf(tile_max, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float new_max = fmaxf(row_max[h], tile_max);
+        // A row with no visible key yet keeps max -inf; subtracting 0 then keeps every exp2 at 0, not NaN.
+        const float ref = new_max == -INFINITY ? 0.f : new_max * p.scale_log2;
+        rescale[h] = row_max[h] == new_max ? 1.f : fast_exp2(row_max[h] * p.scale_log2 - ref);
+        row_max[h] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kSRegs / 4; ++j) {
+          s[4 * j + 2 * h] = fast_exp2(fmaf(s[4 * j + 2 * h], p.scale_log2, -ref));
+          s[4 * j + 2 * h + 1] = fast_exp2(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -ref));
+          sum += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+        }
+        row_sum[h] = row_sum[h] * rescale[h] + sum;
+      }
+    };
+    // O *= rescale (skipped by a warp vote once the maxima settle), then P -> pa: accumulator n-blocks 2kk
+    // (keys 16kk + 0..7) and 2kk + 1 (+8..15) are the A-fragment layout with those keys as K.
+    auto rescale_and_pack = [&](const float (&rescale)[2]) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (__any_sync(0xffffffffu, rescale[h] != 1.f)) {
+#pragma unroll
+          for (int j = 0; j < kORegs / 4; ++j) {
+            o[4 * j + 2 * h] *= rescale[h];
+            o[4 * j + 2 * h + 1] *= rescale[h];
+          }
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < kPSteps; ++kk) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pa[kk][i] = pack_pair<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+      }
+    };
+    auto flush_pending_pv = [&]() {
+      mbarrier_wait(v_full(pv_stage), pv_phase);
+      fence_proxy_async_shared();
+      issue_pv(pv_stage);
+      wgmma_wait<0>();
+      pv_done();
+      release(v_empty(pv_stage));
+      p_pending = false;
+    };
+
+    // ---- the tiles: each branch waits for every wgmma it issues before it ends (a wgmma in flight across
+    // a join of divergent paths makes ptxas serialize every wgmma of the kernel) ----
+    for (int i = 0; i < w.num_tiles; ++i) {
+      const int key0 = (w.tile_first + i) * Cfg::kTileKeys;
+      const int key_last = key0 + Cfg::kTileKeys - 1;
+      // Warpgroup-uniform: does any of its rows see a key of the tile? A mask is needed only where some
+      // row's range cuts the tile.
+      const bool visible = wg_active && key0 <= wg_pos_hi && !(window > 0 && key_last < wg_pos_lo - window + 1);
+      const bool needs_mask = key_last > wg_pos_lo || (window > 0 && key0 < wg_pos_hi - window + 1) ||
+                              key0 < w.key_begin || key_last >= w.key_end;
+      mbarrier_wait(k_full(stage), phase);
+      fence_proxy_async_shared();
+      float rescale[2];
+      if (visible && p_pending) {
+        mbarrier_wait(v_full(pv_stage), pv_phase);
+        fence_proxy_async_shared();
+        issue_qk(stage);
+        issue_pv(pv_stage);   // the previous tile's P·V runs during this tile's softmax
+        wgmma_wait<1>();      // Q·K^T, committed first, has landed
+        release(k_empty(stage));
+        softmax(key0, needs_mask, rescale);
+        wgmma_wait<0>();
+        pv_done();
+        release(v_empty(pv_stage));
+        rescale_and_pack(rescale);
+        pv_stage = stage;
+        pv_phase = phase;
+      } else if (visible) {
+        issue_qk(stage);
+        wgmma_wait<0>();
+        release(k_empty(stage));
+        softmax(key0, needs_mask, rescale);
+        rescale_and_pack(rescale);
+        p_pending = true;
+        pv_stage = stage;
+        pv_phase = phase;
+      } else {  // hidden from this warpgroup: release both halves of the slot unread
+        release(k_empty(stage));
+        if (p_pending) flush_pending_pv();
+        mbarrier_wait(v_full(stage), phase);
+        release(v_empty(stage));
+      }
+      if (++stage == Cfg::kStages) { stage = 0; phase ^= 1u; }
+    }
+    release(q_empty(this_q_slot));  // every Q·K^T of the item has landed
+    if (p_pending) flush_pending_pv();
+
+    // ---- normalize and write this thread's rows ----
+    if (!wg_active) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int r = wg_row0 + 16 * wg_warp + g + 8 * h;
+      if (r >= w.cta_rows) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      T* out = static_cast<T*>(p.out) + out_offset(r) + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kORegs / 4; ++j) {
+        *reinterpret_cast<uint32_t*>(out + 8 * j) = pack_pair<T>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      }
+    }
+  }
+#else
+  __trap();  // built without sm_90a code: the launcher never routes here (wgmma_build_probe_kernel)
+#endif
+}
+
+}  // namespace pagedinfer::attention
