@@ -30,6 +30,7 @@ struct PagedAttentionParams {
   float scale_log2;        // softmax scale * log2(e): the kernels exponentiate with exp2
   bool one_row_per_seq;    // decode: grid items are sequences (q_len 1); else grid items are query tokens
   bool longest_first;      // decode on tensor cores: grid item r serves the sequence of rank r by length
+  bool decodes_elsewhere;  // prompt-chunk kernels: sequences of one new token are a decode launch's (skip)
 };
 
 // What one CTA of either kernel computes: blockIdx.x enumerates (item, kv head, head tile, split), split
@@ -122,7 +123,8 @@ __device__ __forceinline__ QueryRow locate_query_row(const PagedAttentionParams&
     const int next = p.query_start_loc[item + 1];
     seq_len = p.seq_lens[item];
     q_len = next - r.token;
-    if (q_len <= 0) return QueryRow{-1, 0, 0, 0};
+    // Only single-token sequences: in a step that also has prompt chunks, those are another kernel's.
+    if (q_len != 1) return QueryRow{-1, 0, 0, 0};
     q_index = 0;
   } else {
     r.token = item;

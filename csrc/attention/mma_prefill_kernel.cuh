@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(MmaPrefillConfig<T, kHeadSize, kMTiles>::kThre
   const int seq_len = p.seq_lens[seq];
   const int seq_rows = q_len * group;
   const int row0 = row_tile * Cfg::kRows;  // first row of this CTA among the sequence's seq_rows
-  if (row0 >= seq_rows) return;            // uniform: nothing of this sequence here
+  if (row0 >= seq_rows || (p.decodes_elsewhere && q_len == 1)) return;  // uniform: nothing of this sequence here
   const int cta_rows = seq_rows - row0 < Cfg::kRows ? seq_rows - row0 : Cfg::kRows;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;

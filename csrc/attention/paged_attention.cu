@@ -248,11 +248,10 @@ void launch_wgmma_prefill_kernel(const PagedAttentionParams& p, int64_t max_quer
 }
 
 // The warp-specialized wgmma kernel: persistent, one CTA per SM over the same 128-row items.
-template <typename T, int kHeadSize, int kBlockSize>
+template <typename T, int kHeadSize, int kBlockSize, typename Cfg = attention::WsPrefillConfig<T, kHeadSize>>
 void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, int device,
                               cudaStream_t stream) {
-  using Cfg = attention::WsPrefillConfig<T, kHeadSize>;
-  const auto kernel = attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize>;
+  const auto kernel = attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize, Cfg>;
   const int64_t group = p.num_heads / p.num_kv_heads;
   PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
            max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
@@ -302,6 +301,13 @@ PrefillKernel prefill_kernel_choice(int device) {
 template <typename T, int kHeadSize>
 void launch_ws_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, int device,
                               cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && kHeadSize == 128) {  // EXPERIMENT: tile shape A/B
+    const char* env = std::getenv("PAGEDINFER_WS_VARIANT");
+    if (p.block_size == 16 && env != nullptr && std::string_view(env) == "64x4") {
+      return launch_ws_prefill_kernel<T, 128, 16, attention::WsPrefillConfig<T, 128, 64, 4>>(p, max_query_len,
+                                                                                            device, stream);
+    }
+  }
   switch (p.block_size) {
     case 16: launch_ws_prefill_kernel<T, kHeadSize, 16>(p, max_query_len, device, stream); break;
     case 32: launch_ws_prefill_kernel<T, kHeadSize, 32>(p, max_query_len, device, stream); break;
@@ -435,10 +441,24 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
 
   const bool decode = max_query_len == 1;
+  const at::ScalarType dtype = query.scalar_type();
+  // Tensor cores need 16-byte aligned K/V rows for cp.async (head_size 64/128 of 2-byte elements are).
+  const bool tensor_cores = (dtype == at::kHalf || dtype == at::kBFloat16) &&
+                            (s.head_size == 64 || s.head_size == 128) &&
+                            reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0;
+  // The prompt-chunk kernels also write `out` rows as 4- and 16-byte vectors: a 16-byte aligned `out` (any
+  // allocation; only an offset view is not) keeps them aligned, else the per-token kernels serve. They
+  // also take the softmax scale as positive (maxima of raw scores), as every model's is.
+  const bool chunk_kernel = !decode && tensor_cores && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 &&
+                            scale > 0;
+  // A step that mixes prompt chunks and decodes: the single-token sequences take the decode kernel (a
+  // second launch on the same metadata; a 128-row chunk tile would compute 1 / group of its rows), unless
+  // the shapes say there are none (every sequence has max_query_len tokens).
+  const bool decode_launch = decode || (chunk_kernel && s.num_tokens < s.num_seqs * max_query_len);
   const SplitConfig config{s.num_seqs,           s.num_heads,  s.num_kv_heads,
                            s.head_size,          s.max_blocks_per_seq, s.block_size,
                            device_facts(device).sm_count};
-  const int64_t num_splits = decode ? plan_num_splits(config) : 1;
+  const int64_t num_splits = decode_launch ? plan_num_splits(config) : 1;
 
   at::Tensor scratch;
   if (workspace.has_value()) {
@@ -482,17 +502,17 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
   p.scale_log2 = float(scale * 1.4426950408889634);  // log2(e): exp(x) = exp2(x * log2(e))
   p.one_row_per_seq = decode;
 
-  const at::ScalarType dtype = query.scalar_type();
-  // Tensor cores need 16-byte aligned K/V rows for cp.async (head_size 64/128 of 2-byte elements are).
-  const bool tensor_cores = (dtype == at::kHalf || dtype == at::kBFloat16) &&
-                            (s.head_size == 64 || s.head_size == 128) &&
-                            reinterpret_cast<uintptr_t>(p.kv_cache) % 16 == 0;
-  // The prefill kernel also writes `out` rows as 4- and 16-byte vectors: a 16-byte aligned `out` (any
-  // allocation; only an offset view is not) keeps them aligned, else the per-token kernels serve.
-  // It also takes the softmax scale as positive (maxima of raw scores), as every model's is.
-  if (!decode && tensor_cores && reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && scale > 0) {
+  if (chunk_kernel) {
+    p.decodes_elsewhere = decode_launch;
+    p.num_splits = 1;
     if (dtype == at::kHalf) launch_prefill<__half>(p, max_query_len, device, stream);
     else launch_prefill<__nv_bfloat16>(p, max_query_len, device, stream);
+    if (!decode_launch) return;
+    p.decodes_elsewhere = false;
+    p.one_row_per_seq = true;  // the decodes of the step, on the decode kernel
+    p.num_splits = int(num_splits);
+    if (dtype == at::kHalf) launch_attention<__half>(p, true, s.num_seqs, device, stream);
+    else launch_attention<__nv_bfloat16>(p, true, s.num_seqs, device, stream);
     return;
   }
   const int64_t items = decode ? s.num_seqs : s.num_tokens;

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(SplitKvReduceConfig::kThreads)
   const int seq = int(pair / p.num_heads), head = int(pair % p.num_heads);
   // Not written by the split kernel: safe to read before the wait.
   const int token = p.query_start_loc[seq];
-  const bool has_row = p.query_start_loc[seq + 1] - token > 0;  // else the split kernel wrote nothing
+  const bool has_row = p.query_start_loc[seq + 1] - token == 1;  // else the split kernel wrote nothing
   const int S = p.num_splits, D = p.head_size;
   const float* lse = p.partial_lse + pair * S;
   const float* part = p.partial_out + pair * S * D;

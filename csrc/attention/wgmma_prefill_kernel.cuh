@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(WgmmaPrefillConfig<T, kHeadSize>::kThreads, 1)
   const int seq_len = p.seq_lens[seq];
   const int seq_rows = q_len * group;
   const int row0 = row_tile * Cfg::kRows;
-  if (row0 >= seq_rows) return;  // uniform
+  if (row0 >= seq_rows || (p.decodes_elsewhere && q_len == 1)) return;  // uniform
   const int cta_rows = seq_rows - row0 < Cfg::kRows ? seq_rows - row0 : Cfg::kRows;
 
   const int lane = threadIdx.x % 32;

@@ -4,8 +4,9 @@
 // row's range cuts a key tile; tiles no row sees skipped; invalid keys zero-filled; padded rows -> zeros),
 // and the same shared-memory layout as wgmma_prefill_kernel.cuh (128-byte-swizzle canonical halves), but:
 //
-//   * one CTA per SM (grid = min(items, SMs)) walks the items longest-first (item blockIdx.x, + gridDim.x,
-//     ...), so one item's loads overlap the previous item's last tiles and its output writes;
+//   * one CTA per SM (grid = min(items, SMs)) walks the items (item blockIdx.x, + gridDim.x, ...) longest
+//     first (every sequence's last row tile, then the ones before), so one item's loads overlap the
+//     previous item's last tiles and its output writes, and the short items fill the tail;
 //   * warpgroup 0 only loads (its 128 threads gather Q and the K/V rows of each 128-key tile from the
 //     paged cache by cp.async; TMA cannot gather rows of a block table), warpgroups 1 and 2 only compute,
 //     64 rows each; they meet at mbarriers, never at a CTA barrier:
@@ -50,14 +51,19 @@ struct PrefillWork {
 };
 constexpr int kComputeItem = 0, kZeroItem = 1, kNoMoreItems = 2;
 
-template <typename T, int kHeadSize>
+// kTileKeys: keys per tile (the N of S, the K of P·V), 128 or 64; kStages: K/V ring slots.
+template <typename T, int kHeadSize, int kTileKeysArg = 128, int kStagesArg = kHeadSize == 128 ? 2 : 4>
 struct WsPrefillConfig {
   static_assert(kHeadSize == 64 || kHeadSize == 128, "the wgmma path is specialized for 64 and 128");
+  static_assert(kTileKeysArg == 64 || kTileKeysArg == 128, "tiles of 64 or 128 keys");
   static constexpr int kRows = 128;                  // rows per item: 2 consumer warpgroups x 64
   static constexpr int kThreads = 384;               // warpgroup 0 loads, 1 and 2 compute
   static constexpr int kConsumerWarps = 8;
-  static constexpr int kTileKeys = 128;              // keys per tile: the N of S, the K of P·V
-  static constexpr int kStages = kHeadSize == 128 ? 2 : 4;  // K/V ring slots
+  static constexpr int kTileKeys = kTileKeysArg;
+  static constexpr int kStages = kStagesArg;
+  // Sequences whose row-tile counts the loader stages in shared memory, so that the walk over items skips
+  // those a sequence does not have (shorter than the longest, decodes run elsewhere) without a global load.
+  static constexpr int kMaxStagedSeqs = 2048;
   static constexpr int kQStages = 2;                 // the next item's Q loads while this one computes
   static constexpr int kHalves = kHeadSize / 64;     // 64-element (128-byte) column halves of a row
   static constexpr int kChunks = kHeadSize / 8;      // 16-byte chunks per row
@@ -69,8 +75,9 @@ struct WsPrefillConfig {
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
   static constexpr int kRingBytes = kQStages * kQBytes + 2 * kStages * kTileBytes;
   // + 1 KB: the dynamic shared memory base is aligned up to the 1 KB the swizzle atoms need.
+  static constexpr int kRecordBytes = kQStages * int(sizeof(PrefillWork));
   static constexpr int kSmemBytes =
-      kRingBytes + kBarriers * 8 + kQStages * int(sizeof(PrefillWork)) + 1024;  // 193 KB (128), 161 KB (64)
+      kRingBytes + kBarriers * 8 + kRecordBytes + kMaxStagedSeqs * 4 + 1024;  // 201 KB (head 128), 169 KB (64)
   static constexpr int kProducerRegs = 56;   // 128 x 56 + 256 x 224 <= 64 K registers
   static constexpr int kConsumerRegs = 224;
   static constexpr int kQPasses = kRows * kChunks / 128;       // 16-byte copies per loader thread
@@ -81,11 +88,10 @@ struct WsPrefillConfig {
 
 // kBlockSize: 16 or 32 (compile time), or 0 (any block size). row_tiles: prefill_row_tiles(max_query_len,
 // group, kRows); num_items = num_seqs * num_kv_heads * row_tiles; both from host ints (CUDA-graph safe).
-template <typename T, int kHeadSize, int kBlockSize>
-__global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
+template <typename T, int kHeadSize, int kBlockSize, typename Cfg = WsPrefillConfig<T, kHeadSize>>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
     wgmma_ws_prefill_attention_kernel(const PagedAttentionParams p, const int row_tiles, const int num_items) {
 #if PAGEDINFER_WGMMA
-  using Cfg = WsPrefillConfig<T, kHeadSize>;
   constexpr int kKSteps = kHeadSize / 16;        // k-steps of Q·K^T
   constexpr int kPSteps = Cfg::kTileKeys / 16;   // k-steps of P·V
   constexpr int kSRegs = Cfg::kTileKeys / 2;     // S (then P) of one tile, per thread
@@ -105,6 +111,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
   auto v_full = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + 2 * Cfg::kStages + s); };
   auto v_empty = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + 3 * Cfg::kStages + s); };
   PrefillWork* records = reinterpret_cast<PrefillWork*>(smem + Cfg::kRingBytes + Cfg::kBarriers * 8);
+  int* seq_row_tiles = reinterpret_cast<int*>(smem + Cfg::kRingBytes + Cfg::kBarriers * 8 + Cfg::kRecordBytes);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < Cfg::kQStages; ++s) {
@@ -136,18 +143,30 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     const bool q_aligned = reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && p.q_row_stride % 8 == 0;
     const int ld_row = lt / Cfg::kChunks, ld_chunk = lt % Cfg::kChunks;
     const uint32_t ld_dst = sw128_offset(ld_row, ld_chunk, Cfg::kTileHalfBytes);
+    // Row tiles of each sequence this kernel serves (0: none), staged once (the loaders' own barrier).
+    const bool staged = p.num_seqs <= Cfg::kMaxStagedSeqs;
+    auto row_tiles_of = [&](int seq) {
+      const int q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
+      if (q_len <= 0 || (p.decodes_elsewhere && q_len == 1)) return 0;
+      return (q_len * group + Cfg::kRows - 1) / Cfg::kRows;
+    };
+    if (staged) {
+      for (int seq = lt; seq < p.num_seqs; seq += 128) seq_row_tiles[seq] = row_tiles_of(seq);
+      asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    }
     int q_slot = 0, stage = 0;
     uint32_t q_phase = 0, phase = 0;
+    const int items_per_level = p.num_seqs * p.num_kv_heads;
     for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
-      // Item -> (sequence, kv head, row tile), the last row tile first: it sees the most keys.
-      const int row_tile = row_tiles - 1 - item % row_tiles;
-      const int kv_head = (item / row_tiles) % p.num_kv_heads;
-      const int seq = item / row_tiles / p.num_kv_heads;
+      // Longest first: all sequences' last row tiles (those see the most keys), then the tiles before them.
+      const int row_tile = row_tiles - 1 - item / items_per_level;
+      const int seq = item % items_per_level / p.num_kv_heads;
+      const int kv_head = item % p.num_kv_heads;
+      if (row_tile >= (staged ? seq_row_tiles[seq] : row_tiles_of(seq))) continue;  // no such rows
       const int q_start = p.query_start_loc[seq];
       const int q_len = p.query_start_loc[seq + 1] - q_start;
       const int seq_len = p.seq_lens[seq];
       const int row0 = row_tile * Cfg::kRows;
-      if (row0 >= q_len * group) continue;  // the sequence is shorter than the longest: no such rows
       PrefillWork w;
       w.status = seq_len > 0 ? kComputeItem : kZeroItem;
       w.q_start = q_start;
@@ -208,26 +227,42 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       // stale cache rows may hold NaN ----
       const int32_t* block_table = p.block_tables + int64_t(seq) * p.max_blocks_per_seq;
       const T* src_base = kv + int64_t(kv_head) * kHeadSize + ld_chunk * 8;
-      auto load_rows = [&](int tile, uint32_t slot_addr, int64_t part_offset) {
-        const int key0 = tile * Cfg::kTileKeys + ld_row;
+      // With a compile-time block size a tile spans kTileBlocks whole blocks: lane b of each loader warp
+      // reads block b's id once per tile and the warp's lanes take theirs by shuffle (no dependent global
+      // load per row). Table columns past the end are never read (their keys are invalid).
+      constexpr int kTileBlocks = kBlockSize > 0 ? Cfg::kTileKeys / kBlockSize : 1;
+      static_assert(Cfg::kTileKeys % (kBlockSize > 0 ? kBlockSize : 1) == 0 && kTileBlocks <= 32, "whole blocks");
+      const int lane = lt % 32;
+      auto tile_block_ids = [&](int tile) {
+        const int block = tile * kTileBlocks + lane;
+        return kBlockSize > 0 && lane < kTileBlocks && block < p.max_blocks_per_seq ? block_table[block] : 0;
+      };
+      auto load_rows = [&](int tile, int block_ids, uint32_t slot_addr, int64_t part_offset) {
 #pragma unroll 4
         for (int pass = 0; pass < Cfg::kLoadPasses; ++pass) {
-          const int key = key0 + pass * Cfg::kRowsPerPass;
+          const int row = ld_row + pass * Cfg::kRowsPerPass;  // of the tile
+          const int key = tile * Cfg::kTileKeys + row;
           const bool valid = key >= w.key_begin && key < w.key_end;
           int64_t src = 0;
-          if (valid) src = kv_row_offset(block_table, key, block_size, token_stride, 0) + part_offset;
+          if constexpr (kBlockSize > 0) {
+            const int block = __shfl_sync(0xffffffffu, block_ids, row / kBlockSize);
+            src = (int64_t(block) * kBlockSize + row % kBlockSize) * token_stride;
+          } else if (valid) {
+            src = kv_row_offset(block_table, key, block_size, token_stride, 0);
+          }
           const uint32_t dst = slot_addr + ld_dst + pass * Cfg::kRowsPerPass * Cfg::kRowBytes;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src_base + src),
-                       "r"(valid ? 16 : 0));
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
+                       "l"(src_base + (valid ? src + part_offset : 0)), "r"(valid ? 16 : 0));
         }
       };
       for (int i = 0; i < w.num_tiles; ++i) {
         const int tile = w.tile_first + i;
+        const int block_ids = tile_block_ids(tile);
         mbarrier_wait(k_empty(stage), phase ^ 1u);
-        load_rows(tile, k_addr + stage * Cfg::kTileBytes, 0);
+        load_rows(tile, block_ids, k_addr + stage * Cfg::kTileBytes, 0);
         mbarrier_arrive_on_cp_async(k_full(stage));
         mbarrier_wait(v_empty(stage), phase ^ 1u);
-        load_rows(tile, v_addr + stage * Cfg::kTileBytes, p.v_offset);
+        load_rows(tile, block_ids, v_addr + stage * Cfg::kTileBytes, p.v_offset);
         mbarrier_arrive_on_cp_async(v_full(stage));
         if (++stage == Cfg::kStages) { stage = 0; phase ^= 1u; }
       }

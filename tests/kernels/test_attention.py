@@ -403,6 +403,31 @@ def test_prefill_many_items_per_cta(prefill_kernel, head_size, sliding_window):
     check_attention(inputs, softmax_scale(head_size), sliding_window)
 
 
+@PREFILL_KERNELS
+@pytest.mark.gpu
+def test_mixed_step_runs_its_decodes_on_the_decode_kernel(prefill_kernel):
+    """A step of prompt chunks and decodes is two launches on the same metadata: the chunks on a prompt-chunk
+    kernel, the single-token sequences on the decode kernel (its 16-head MMA rows, not 1 / group of a
+    128-row chunk tile); a step whose sequences all have max_query_len tokens needs no decode launch."""
+    def launched(specs: list) -> list[str]:
+        inputs = make_paged_inputs(specs, num_heads=32, num_kv_heads=8, head_size=128, block_size=16,
+                                   dtype=torch.bfloat16, device="cuda")
+        scale = softmax_scale(128)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = run_attention(inputs, scale, -1, None)
+            torch.cuda.synchronize()
+        assert_close_to_ref(out, lambda dtype: ref_paged_attention(
+            inputs.query, inputs.kv_cache, *inputs.metadata, scale, -1, dtype=dtype),
+            inputs.query.dtype, name="paged_attention")
+        return [e.key for e in prof.key_averages() if "attention" in e.key]
+
+    mixed = launched([(0, 200), (3000, 1), (PAD, 1), (30, 1), (5, 17)])
+    assert any("mma_paged_attention_kernel" in k for k in mixed), mixed
+    assert any("prefill_attention_kernel" in k for k in mixed), mixed
+    prompts = launched([(0, 200), (10, 200)])
+    assert not any("mma_paged_attention_kernel" in k for k in prompts), prompts
+
+
 @ALL_PREFILL_KERNELS
 @pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [-1, 200])
