@@ -2,10 +2,6 @@
 
 Llama-3.1-8B heads (32 q / 8 kv, head 128), bf16, block 16, block tables a random permutation of the pool.
 Prints a table and writes $OUT/bench_paged_attention.json. Run: python bench/bench_paged_attention.py
-
-Decode grids of more than one wave run their sequences longest-first unless PAGEDINFER_DECODE_ORDER=index
-(read by the launcher at every call). "ours" runs whatever the environment selects (unset: the default), so
-the whole table can be rerun under =index; the ragged row also times the index order in the same rounds.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import card_name, print_table, read_ceiling_gbps, time_interleaved, with_env, write_json  # noqa: E402
+from common import card_name, print_table, read_ceiling_gbps, time_interleaved, write_json  # noqa: E402
 
 from pagedinfer import _ops  # noqa: E402
 
@@ -121,9 +117,7 @@ def bench_ragged(batch: int, lo: int, hi: int, ref_ctx: int = 8192) -> dict:
     k, v = ref.contiguous_kv(0, ref_ctx)
     q = ref.queries[0].unsqueeze(2)
     del ref
-    # "ours_index": the decode CTAs in grid order (no longest-first), the A/B of the default in the same rounds.
     t = time_interleaved({"ours": lambda: case.run(0),
-                          "ours_index": with_env("PAGEDINFER_DECODE_ORDER", "index", lambda: case.run(0)),
                           "sdpa_ref": lambda: F.scaled_dot_product_attention(q, k, v, scale=case.scale,
                                                                              enable_gqa=True)}, calls=8)
     nbytes = kv_bytes(lens)
@@ -132,9 +126,7 @@ def bench_ragged(batch: int, lo: int, hi: int, ref_ctx: int = 8192) -> dict:
     torch.cuda.empty_cache()
     return {"batch": batch, "ctx": f"ragged[{lo},{hi}]", "ours_us": t["ours"], "ours_gbps": nbytes / t["ours"] / 1e3,
             f"sdpa_{batch}x{ref_ctx}_same_rounds_gbps": ref_gbps,
-            f"vs_sdpa_{batch}x{ref_ctx}_gbps": nbytes / t["ours"] / 1e3 / ref_gbps,
-            "ours_index_order_us": t["ours_index"], "ours_index_order_gbps": nbytes / t["ours_index"] / 1e3,
-            f"index_order_vs_sdpa_{batch}x{ref_ctx}_gbps": nbytes / t["ours_index"] / 1e3 / ref_gbps}
+            f"vs_sdpa_{batch}x{ref_ctx}_gbps": nbytes / t["ours"] / 1e3 / ref_gbps}
 
 
 def main() -> None:
@@ -160,7 +152,7 @@ def main() -> None:
     print(f"\npaged_attention decode on {card_name()} (read kernel ceiling {ceiling:.0f} GB/s)")
     print_table(fmt, ["batch", "ctx", "ours_us", "sdpa_us", "ours_gbps", "sdpa_gbps", "vs_sdpa",
                       "frac_of_ceiling", "sdpa_64x8192_same_rounds_gbps", "vs_sdpa_64x8192_gbps",
-                      "index_order_vs_sdpa_64x8192_gbps", "max_abs_err_vs_sdpa"])
+                      "max_abs_err_vs_sdpa"])
     targets = {
         "64x8192 >= 0.97x SDPA": by_shape.get((64, 8192), {}).get("vs_sdpa", 0) >= 0.97,
         "64x2048 >= 0.95x SDPA": by_shape.get((64, 2048), {}).get("vs_sdpa", 0) >= 0.95,

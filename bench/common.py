@@ -23,22 +23,6 @@ def out_dir() -> str:
     return path
 
 
-def with_env(name: str, value: str, fn: Callable[[], None]) -> Callable[[], None]:
-    """fn with the environment variable `name` set to `value` around each call: for switches the launcher
-    reads at every call, which then also hold while a CUDA graph of fn is captured."""
-    def call():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            fn()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return call
-
-
 def capture(fn: Callable[[], None], calls: int) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `calls` back-to-back calls of fn: replaying it times the kernels, not the launches."""
     stream = torch.cuda.Stream()

@@ -29,14 +29,13 @@ struct PagedAttentionParams {
   int sliding_window;      // -1: off; else the token at position p sees keys (p - window, p]
   float scale_log2;        // softmax scale * log2(e): the kernels exponentiate with exp2
   bool one_row_per_seq;    // decode: grid items are sequences (q_len 1); else grid items are query tokens
-  bool longest_first;      // decode on tensor cores: grid item r serves the sequence of rank r by length
   bool decodes_elsewhere;  // prompt-chunk kernels: sequences of one new token are a decode launch's (skip)
 };
 
 // What one CTA of either kernel computes: blockIdx.x enumerates (item, kv head, head tile, split), split
 // fastest, so the splits of one (row, kv head) run side by side.
 struct CtaWork {
-  int item;       // grid item: a sequence or its rank (decode grids) or a query token (general grids)
+  int item;       // grid item: a sequence (decode grids) or a query token (general grids)
   int kv_head;
   int head_tile;  // which tile of heads_per_cta query heads of the kv head's group
   int split;      // which part of the keys (split-KV)
@@ -56,50 +55,6 @@ __device__ __forceinline__ CtaWork cta_work(const PagedAttentionParams& p, int h
   return w;
 }
 
-// ---- longest-first decode order ---------------------------------------------------------------------
-// CTAs start in blockIdx order, so in a grid of several waves a long sequence whose CTAs come last in the
-// batch finishes last, alone: the tail of a ragged decode. Under p.longest_first, grid item r serves the
-// sequence of rank r in descending seq_len (ties: lower index first), so the long rows start in the first
-// wave and the last wave holds the short ones. Each CTA ranks the device's seq_lens itself: no sort
-// kernel, no host sync, nothing allocated, and a CUDA graph replayed with new lengths takes their order.
-constexpr int kLongestFirstMaxSeqs = 256;  // the sort key holds the sequence index in 8 bits
-constexpr int kLongestFirstScratchBytes = kLongestFirstMaxSeqs * 4;
-
-// Unique per sequence, larger for a longer one and, at equal length, for the lower index: ranks by key
-// are a permutation whatever seq_lens holds. 0 is below every key (padding of the key array). Lengths
-// from 2^23 up tie, and fall back to index order.
-__device__ __forceinline__ uint32_t longest_first_key(int seq_len, int seq) {
-  const uint32_t len = uint32_t(min(max(seq_len, 0), (1 << 23) - 1));
-  return ((len << 8) | uint32_t(kLongestFirstMaxSeqs - 1 - seq)) + 1u;
-}
-
-// The sequence of rank `rank` (< num_seqs <= kLongestFirstMaxSeqs). Block-wide, two barriers: every
-// thread of the CTA calls it. `scratch`: kLongestFirstScratchBytes of 16-byte aligned shared memory, the
-// caller's again on return. Thread t ranks sequences t, t + blockDim.x, ...: it counts the keys above
-// its own, reading them as broadcast uint4 from shared memory; num_seqs compares per owned sequence.
-__device__ __forceinline__ int longest_first_sequence(const int32_t* seq_lens, int num_seqs, int rank,
-                                                      void* scratch) {
-  __shared__ int ranked_seq;  // not in scratch: the caller reuses scratch as soon as it has read this
-  uint32_t* keys = static_cast<uint32_t*>(scratch);
-  const int padded = (num_seqs + 3) & ~3;
-  for (int s = threadIdx.x; s < padded; s += blockDim.x) {
-    keys[s] = s < num_seqs ? longest_first_key(seq_lens[s], s) : 0u;
-  }
-  __syncthreads();
-  for (int s = threadIdx.x; s < num_seqs; s += blockDim.x) {
-    const uint32_t mine = keys[s];
-    int above = 0;
-#pragma unroll 4
-    for (int j = 0; j < padded; j += 4) {
-      const uint4 k = *reinterpret_cast<const uint4*>(keys + j);
-      above += int(k.x > mine) + int(k.y > mine) + int(k.z > mine) + int(k.w > mine);
-    }
-    if (above == rank) ranked_seq = s;  // exactly one sequence has each rank
-  }
-  __syncthreads();
-  return ranked_seq;
-}
-
 // One query row a CTA serves: the token (row of query/out) and the keys [key_begin, key_end) it sees.
 struct QueryRow {
   int token;      // < 0: nothing to write (a sequence with no query token)
@@ -108,9 +63,8 @@ struct QueryRow {
   int key_end;    // one past the last visible key: position + 1; <= key_begin when nothing is visible
 };
 
-// Grid item -> query row. Decode grids index sequences (their one token is query_start_loc[seq]; under
-// longest_first the caller has mapped the rank to its sequence already); general grids index tokens and
-// find the sequence by binary search over query_start_loc.
+// Grid item -> query row. Decode grids index sequences (their one token is query_start_loc[seq]); general
+// grids index tokens and find the sequence by binary search over query_start_loc.
 __device__ __forceinline__ QueryRow locate_query_row(const PagedAttentionParams& p, int item) {
   QueryRow r{-1, 0, 0, 0};
   int q_index;  // index of the token among its sequence's new tokens

@@ -66,10 +66,7 @@ __global__ void __launch_bounds__(MmaAttentionConfig<T, kHeadSize>::kThreads)
   // ---- which work this CTA does ------------------------------------------------------------------------
   const int group = p.num_heads / p.num_kv_heads;
   const CtaWork work = cta_work(p, Cfg::kRows);
-  const int kv_head = work.kv_head, head_tile = work.head_tile, split = work.split;
-  // Longest-first decode: the grid item is a rank; the ranking borrows the rings before their first use.
-  static_assert(kLongestFirstScratchBytes <= Cfg::kSmemBytes, "the ranking scratch aliases the rings");
-  const int item = p.longest_first ? longest_first_sequence(p.seq_lens, p.num_seqs, work.item, smem) : work.item;
+  const int item = work.item, kv_head = work.kv_head, head_tile = work.head_tile, split = work.split;
 
   const QueryRow row = locate_query_row(p, item);
   if (row.token < 0) return;  // uniform over the CTA
@@ -291,7 +288,7 @@ __global__ void __launch_bounds__(MmaAttentionConfig<T, kHeadSize>::kThreads)
       o[2] = from_float<T>(acc.z * inv);
       o[3] = from_float<T>(acc.w * inv);
     } else {
-      const int64_t part = (int64_t(row.seq) * p.num_heads + head) * p.num_splits + split;  // as the merge reads
+      const int64_t part = (int64_t(item) * p.num_heads + head) * p.num_splits + split;
       float* o = p.partial_out + part * kHeadSize + d;
       o[0] = acc.x * inv;
       o[1] = acc.y * inv;

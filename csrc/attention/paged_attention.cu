@@ -13,9 +13,6 @@
 //                                (=mma) instead, for A/B runs
 //   mma_attention_kernel.cuh     decode (max_query_len == 1), fp16/bf16 with head_size 64 or 128: one CTA
 //                                per (sequence, kv head, head tile, split), the GQA group as the M of the MMA;
-//                                sequences longest-first where the grid is more than one wave
-//                                (PAGEDINFER_DECODE_ORDER=index, read at every launch, keeps grid order;
-//                                =longest_first orders single-wave grids too);
 //                                also the general path, per query token, when `out` is not 16-byte aligned
 //                                or the scale is not positive (the prefill kernel's preconditions)
 //   simt_attention_kernel.cuh    everything else (float32, other head sizes, unaligned caches), one CTA per
@@ -141,59 +138,21 @@ void set_dynamic_smem(const void* kernel, int bytes) {
   }
 }
 
-// ---- decode CTA order ----------------------------------------------------------------------------------
-// Longest-first (attention_params.cuh: longest_first_sequence) only shortens the tail where CTAs queue for
-// a slot: a grid of more than one wave of resident CTAs (within one wave every CTA starts at once and the
-// order changes nothing). Each CTA first ranks all sequences, num_seqs * ceil(num_seqs / 128) shared-
-// memory compares per thread: ~200 instructions at 64 sequences, ~1.5k (about a microsecond) at 256,
-// mostly hidden by the SM's other resident CTA, which keeps streaming meanwhile. Beyond 256 sequences
-// (also the most the sort key can index) that cost grows quadratically while the tail shrinks relative to
-// a grid of that many waves, so larger batches keep grid order; a single sequence has no order to change.
-// PAGEDINFER_DECODE_ORDER=index keeps grid order; =longest_first takes it for every decode grid of 2 to 256
-// sequences, one wave or not (for tests: the split plan sizes split-KV grids to one wave). Read at every
-// launch (a getenv, ~100 ns; at capture time for a CUDA graph) so that one process can measure each.
-bool decode_longest_first(const PagedAttentionParams& p, int64_t grid, int64_t resident_ctas) {
-  if (!p.one_row_per_seq || p.num_seqs < 2 || p.num_seqs > attention::kLongestFirstMaxSeqs) return false;
-  const char* env = std::getenv("PAGEDINFER_DECODE_ORDER");
-  const std::string_view order = env != nullptr ? env : "";
-  if (order == "index") return false;
-  return order == "longest_first" || grid > resident_ctas;
-}
-
-// CTAs of the tensor-core kernel one SM holds at once (its registers, shared memory and threads), from
-// the occupancy calculator once per device: a host computation, legal during graph capture.
 template <typename T, int kHeadSize, int kBlockSize>
-int mma_resident_ctas_per_sm(int device) {
-  using Cfg = attention::MmaAttentionConfig<T, kHeadSize>;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  if (cacheable && cached[device].load() > 0) return cached[device].load();
-  int ctas = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &ctas, attention::mma_paged_attention_kernel<T, kHeadSize, kBlockSize>, Cfg::kThreads, Cfg::kSmemBytes));
-  if (cacheable) cached[device].store(ctas);
-  return ctas;
-}
-
-template <typename T, int kHeadSize, int kBlockSize>
-void launch_mma_kernel(PagedAttentionParams p, int64_t grid, int device, cudaStream_t stream) {
+void launch_mma_kernel(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
   using Cfg = attention::MmaAttentionConfig<T, kHeadSize>;
   const auto kernel = attention::mma_paged_attention_kernel<T, kHeadSize, kBlockSize>;
-  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);  // before the occupancy query
-  const int64_t resident_ctas =
-      int64_t(device_facts(device).sm_count) * mma_resident_ctas_per_sm<T, kHeadSize, kBlockSize>(device);
-  p.longest_first = decode_longest_first(p, grid, resident_ctas);
+  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int kHeadSize>
-void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, int device, cudaStream_t stream) {
+void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
   switch (p.block_size) {
-    case 16: launch_mma_kernel<T, kHeadSize, 16>(p, grid, device, stream); break;
-    case 32: launch_mma_kernel<T, kHeadSize, 32>(p, grid, device, stream); break;
-    default: launch_mma_kernel<T, kHeadSize, 0>(p, grid, device, stream); break;  // any block size
+    case 16: launch_mma_kernel<T, kHeadSize, 16>(p, grid, stream); break;
+    case 32: launch_mma_kernel<T, kHeadSize, 32>(p, grid, stream); break;
+    default: launch_mma_kernel<T, kHeadSize, 0>(p, grid, stream); break;  // any block size
   }
 }
 
@@ -388,8 +347,8 @@ void launch_attention(const PagedAttentionParams& p, bool tensor_cores, int64_t 
   bool launched = false;
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores) {
-      if (p.head_size == 128) launch_mma_for_block_size<T, 128>(p, grid, device, stream);
-      else launch_mma_for_block_size<T, 64>(p, grid, device, stream);
+      if (p.head_size == 128) launch_mma_for_block_size<T, 128>(p, grid, stream);
+      else launch_mma_for_block_size<T, 64>(p, grid, stream);
       launched = true;
     }
   }

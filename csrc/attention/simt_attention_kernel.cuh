@@ -44,7 +44,6 @@ __global__ void __launch_bounds__(SimtAttentionConfig::kThreads)
   allow_dependent_launch();
 
   const int group = p.num_heads / p.num_kv_heads;
-  // Grid order always (decode grid item = sequence): the host sets longest_first for the MMA kernel only.
   const CtaWork work = cta_work(p, Cfg::kHeads);
   const int item = work.item, kv_head = work.kv_head, head_tile = work.head_tile, split = work.split;
 
@@ -168,7 +167,7 @@ __global__ void __launch_bounds__(SimtAttentionConfig::kThreads)
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[(int64_t(row.token) * p.num_heads + head0 + h) * D + d] = from_float<T>(value);
     } else {
-      const int64_t part = (int64_t(row.seq) * p.num_heads + head0 + h) * p.num_splits + split;  // as the merge reads
+      const int64_t part = (int64_t(item) * p.num_heads + head0 + h) * p.num_splits + split;
       p.partial_out[part * D + d] = value;
       if (d == 0) p.partial_lse[part] = total > 0.f ? max_s[h] + __log2f(total) : -INFINITY;
     }

@@ -56,22 +56,6 @@ ALL_PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma_ws", "wg
                                               indirect=True)
 
 
-# The CTA order of CUDA decode grids on tensor cores, PAGEDINFER_DECODE_ORDER (read at every call): "auto"
-# (unset) runs the sequences longest-first where the grid is more than one wave, "longest_first" on every
-# grid of 2 to 256 sequences (split-KV grids included, which are never more than one wave), "index" in
-# grid order.
-@pytest.fixture
-def decode_order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "auto":
-        monkeypatch.delenv("PAGEDINFER_DECODE_ORDER", raising=False)
-    else:
-        monkeypatch.setenv("PAGEDINFER_DECODE_ORDER", request.param)
-    return request.param
-
-
-DECODE_ORDERS = pytest.mark.parametrize("decode_order", ["auto", "longest_first", "index"], indirect=True)
-
-
 # (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Lengths straddle multiples of
 # 8, 16 and 32 (one before, at, after) and leave partial last blocks.
 CASES = {
@@ -287,70 +271,6 @@ def test_cuda_graph_decode_with_growing_contexts(dtype, sliding_window):
         getattr(inputs, name).copy_(getattr(grown, name))
     check()
     assert (out[[1, 6]] == 0).all()  # padded rows
-
-
-# ---- CUDA only: the order of decode CTAs -----------------------------------------------------------------
-# Longest-first decode grids map grid item r to the sequence of rank r by seq_len (ties by index): every
-# sequence must still be served exactly once, write its own output row, and its split-KV partials where the
-# merge reads them. Lengths far apart, ties, padded rows and rows of one key put the ranking's edges
-# under test. "multi_wave": 200 sequences x 4 kv heads, 800 CTAs, more than one wave on an H100 or H200
-# (longest-first under "auto" too); "split_kv": a single wave of split rows (longest-first only when forced).
-
-def decode_order_specs(case: str) -> list[tuple[int | None, int]]:
-    if case == "split_kv":
-        return [(9000, 1), (PAD, 1), (100, 1), (9000, 1), (0, 1), (4000, 1), (8999, 1)]
-    contexts = torch.randint(0, 1500, (200,)).tolist()
-    contexts[::7] = [700] * len(contexts[::7])       # ties
-    contexts[3::11] = [0] * len(contexts[3::11])     # one key
-    contexts[5::13] = [4000] * len(contexts[5::13])  # long rows spread over the batch
-    specs = [(c, 1) for c in contexts]
-    for i in range(1, 200, 17):
-        specs[i] = (PAD, 1)
-    return specs
-
-
-DECODE_ORDER_CASES = pytest.mark.parametrize("case", ["multi_wave", "split_kv"])
-
-
-@DECODE_ORDERS
-@pytest.mark.gpu
-@DECODE_ORDER_CASES
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_size, block_size", [(128, 16), (64, 8)])
-def test_decode_order(decode_order, case, dtype, head_size, block_size):
-    inputs = make_paged_inputs(decode_order_specs(case), num_heads=32, num_kv_heads=4, head_size=head_size,
-                               block_size=block_size, dtype=dtype, device="cuda")
-    check_attention(inputs, softmax_scale(head_size))
-
-
-@DECODE_ORDERS
-@pytest.mark.gpu
-@DECODE_ORDER_CASES
-def test_cuda_graph_decode_order_follows_lengths(decode_order, case):
-    """Capture a decode step, then replay it after the lengths have changed order (and grown, and the padded
-    rows moved): the ranking is recomputed from the device's seq_lens at every replay."""
-    num_heads, num_kv_heads, head_size, block_size, max_blocks = 32, 4, 128, 16, 600
-    first = decode_order_specs(case)
-    later = [(ctx if ctx is PAD else ctx + 37, q) for ctx, q in reversed(first)]
-    later = [later[i] for i in torch.randperm(len(later)).tolist()]
-    build = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size,
-                 dtype=torch.bfloat16, device="cuda", max_blocks_per_seq=max_blocks)
-    inputs = make_paged_inputs(first, **build)
-    moved = make_paged_inputs(later, **build)
-    inputs.kv_cache = moved.kv_cache  # one pool for both steps: the later step's, the larger
-    scale = softmax_scale(head_size)
-    workspace = _ops.paged_attention_workspace(len(first), num_heads, num_kv_heads, head_size, max_blocks,
-                                               block_size, "cuda")
-    out = torch.empty_like(inputs.query)
-
-    def step():
-        _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, 1, scale, -1, workspace)
-
-    check = graph_replay_check(step, out, inputs, scale, -1, torch.bfloat16)
-    check()
-    for name in ("query", "query_start_loc", "seq_lens", "block_tables"):
-        getattr(inputs, name).copy_(getattr(moved, name))
-    check()
 
 
 # ---- CUDA only: the prompt-chunk kernels' tiling -------------------------------------------------------
