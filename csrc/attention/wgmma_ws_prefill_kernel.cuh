@@ -4,9 +4,9 @@
 // row's range cuts a key tile; tiles no row sees skipped; invalid keys zero-filled; padded rows -> zeros),
 // and the same shared-memory layout as wgmma_prefill_kernel.cuh (128-byte-swizzle canonical halves), but:
 //
-//   * one CTA per SM (grid = min(items, SMs)) walks the items (item blockIdx.x, + gridDim.x, ...) longest
-//     first (every sequence's last row tile, then the ones before), so one item's loads overlap the
-//     previous item's last tiles and its output writes, and the short items fill the tail;
+//   * one CTA per SM (grid = min(items, SMs)) walks the items that exist (item blockIdx.x, + gridDim.x,
+//     ...) longest first (every sequence's last row tile, then the ones before), so one item's loads
+//     overlap the previous item's last tiles and its output writes, and the short items fill the tail;
 //   * warpgroup 0 only loads (its 128 threads gather Q and the K/V rows of each 128-key tile from the
 //     paged cache by cp.async; TMA cannot gather rows of a block table), warpgroups 1 and 2 only compute,
 //     64 rows each; they meet at mbarriers, never at a CTA barrier:
@@ -61,9 +61,12 @@ struct WsPrefillConfig {
   static constexpr int kConsumerWarps = 8;
   static constexpr int kTileKeys = kTileKeysArg;
   static constexpr int kStages = kStagesArg;
-  // Sequences whose row-tile counts the loader stages in shared memory, so that the walk over items skips
-  // those a sequence does not have (shorter than the longest, decodes run elsewhere) without a global load.
-  static constexpr int kMaxStagedSeqs = 2048;
+  // The loaders list the items that exist (a sequence shorter than the longest has fewer row tiles; decodes
+  // may run elsewhere) in shared memory when there are at most this many sequences and row tiles a sequence:
+  // the sequences sorted by row tiles, and how many have more than r row tiles, for each r.
+  static constexpr int kMaxListedSeqs = 2048;
+  static constexpr int kMaxListedRowTiles = 1024;
+  static constexpr int kListBytes = (kMaxListedSeqs + 2 * (kMaxListedRowTiles + 1)) * 4;
   static constexpr int kQStages = 2;                 // the next item's Q loads while this one computes
   static constexpr int kHalves = kHeadSize / 64;     // 64-element (128-byte) column halves of a row
   static constexpr int kChunks = kHeadSize / 8;      // 16-byte chunks per row
@@ -77,7 +80,7 @@ struct WsPrefillConfig {
   // + 1 KB: the dynamic shared memory base is aligned up to the 1 KB the swizzle atoms need.
   static constexpr int kRecordBytes = kQStages * int(sizeof(PrefillWork));
   static constexpr int kSmemBytes =
-      kRingBytes + kBarriers * 8 + kRecordBytes + kMaxStagedSeqs * 4 + 1024;  // 201 KB (head 128), 169 KB (64)
+      kRingBytes + kBarriers * 8 + kRecordBytes + kListBytes + 1024;  // 209 KB (head 128), 177 KB (64)
   static constexpr int kProducerRegs = 56;   // 128 x 56 + 256 x 224 <= 64 K registers
   static constexpr int kConsumerRegs = 224;
   static constexpr int kQPasses = kRows * kChunks / 128;       // 16-byte copies per loader thread
@@ -111,7 +114,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   auto v_full = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + 2 * Cfg::kStages + s); };
   auto v_empty = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + 3 * Cfg::kStages + s); };
   PrefillWork* records = reinterpret_cast<PrefillWork*>(smem + Cfg::kRingBytes + Cfg::kBarriers * 8);
-  int* seq_row_tiles = reinterpret_cast<int*>(smem + Cfg::kRingBytes + Cfg::kBarriers * 8 + Cfg::kRecordBytes);
+  int* sorted_seqs = reinterpret_cast<int*>(smem + Cfg::kRingBytes + Cfg::kBarriers * 8 + Cfg::kRecordBytes);
+  int* seqs_above = sorted_seqs + Cfg::kMaxListedSeqs;       // [r]: sequences with more than r row tiles
+  int* sort_cursor = seqs_above + Cfg::kMaxListedRowTiles + 1;  // counting sort by row tiles
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < Cfg::kQStages; ++s) {
@@ -143,26 +148,64 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const bool q_aligned = reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && p.q_row_stride % 8 == 0;
     const int ld_row = lt / Cfg::kChunks, ld_chunk = lt % Cfg::kChunks;
     const uint32_t ld_dst = sw128_offset(ld_row, ld_chunk, Cfg::kTileHalfBytes);
-    // Row tiles of each sequence this kernel serves (0: none), staged once (the loaders' own barrier).
-    const bool staged = p.num_seqs <= Cfg::kMaxStagedSeqs;
+    // Row tiles of a sequence this kernel serves (0: none).
     auto row_tiles_of = [&](int seq) {
       const int q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
       if (q_len <= 0 || (p.decodes_elsewhere && q_len == 1)) return 0;
-      return (q_len * group + Cfg::kRows - 1) / Cfg::kRows;
+      const int tiles = (q_len * group + Cfg::kRows - 1) / Cfg::kRows;
+      return tiles < row_tiles ? tiles : row_tiles;
     };
-    if (staged) {
-      for (int seq = lt; seq < p.num_seqs; seq += 128) seq_row_tiles[seq] = row_tiles_of(seq);
-      asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    auto loader_sync = [] { asm volatile("bar.sync 1, 128;\n" ::: "memory"); };
+    // The items that exist, longest first: row tile r of each sequence that has it, for r from the last
+    // (those see the most keys) down to 0; within a level the sequences in order of row tiles, kv heads
+    // fastest. Listed once by a counting sort (sequences by row tiles, descending); dense, so that the
+    // round-robin walk below gives every CTA its share of the real work. Otherwise (more sequences or
+    // row tiles than listed) every (level, sequence, kv head) is walked and the absent ones skipped.
+    const bool listed = p.num_seqs <= Cfg::kMaxListedSeqs && row_tiles <= Cfg::kMaxListedRowTiles;
+    if (listed) {
+      for (int r = lt; r <= row_tiles; r += 128) sort_cursor[r] = 0;
+      loader_sync();
+      for (int seq = lt; seq < p.num_seqs; seq += 128) atomicAdd(&sort_cursor[row_tiles_of(seq)], 1);
+      loader_sync();
+      if (lt == 0) {  // histogram -> start of each count's run in the sorted list, and seqs_above
+        int above = 0;
+        for (int r = row_tiles; r >= 1; --r) {
+          const int n = sort_cursor[r];
+          sort_cursor[r] = above;
+          above += n;
+          seqs_above[r - 1] = above;
+        }
+      }
+      loader_sync();
+      for (int seq = lt; seq < p.num_seqs; seq += 128) {
+        const int tiles = row_tiles_of(seq);
+        if (tiles > 0) sorted_seqs[atomicAdd(&sort_cursor[tiles], 1)] = seq;
+      }
+      loader_sync();
     }
     int q_slot = 0, stage = 0;
     uint32_t q_phase = 0, phase = 0;
-    const int items_per_level = p.num_seqs * p.num_kv_heads;
-    for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
-      // Longest first: all sequences' last row tiles (those see the most keys), then the tiles before them.
-      const int row_tile = row_tiles - 1 - item / items_per_level;
-      const int seq = item % items_per_level / p.num_kv_heads;
-      const int kv_head = item % p.num_kv_heads;
-      if (row_tile >= (staged ? seq_row_tiles[seq] : row_tiles_of(seq))) continue;  // no such rows
+    int level = 0, level_begin = 0;  // listed walk: level = row_tiles - 1 - row tile, its first item
+    int level_end = listed && row_tiles > 0 ? seqs_above[row_tiles - 1] * p.num_kv_heads : 0;
+    for (int item = blockIdx.x;; item += gridDim.x) {
+      int row_tile, seq, kv_head;
+      if (listed) {
+        while (item >= level_end && ++level < row_tiles) {
+          level_begin = level_end;
+          level_end += seqs_above[row_tiles - 1 - level] * p.num_kv_heads;
+        }
+        if (level >= row_tiles) break;
+        row_tile = row_tiles - 1 - level;
+        seq = sorted_seqs[(item - level_begin) / p.num_kv_heads];
+        kv_head = (item - level_begin) % p.num_kv_heads;
+      } else {
+        if (item >= num_items) break;
+        const int items_per_level = p.num_seqs * p.num_kv_heads;
+        row_tile = row_tiles - 1 - item / items_per_level;
+        seq = item % items_per_level / p.num_kv_heads;
+        kv_head = item % p.num_kv_heads;
+        if (row_tile >= row_tiles_of(seq)) continue;  // no such rows
+      }
       const int q_start = p.query_start_loc[seq];
       const int q_len = p.query_start_loc[seq + 1] - q_start;
       const int seq_len = p.seq_lens[seq];
@@ -287,6 +330,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   auto release = [&](uint32_t bar) {
     if (lane == 0) mbarrier_arrive(bar);
   };
+
+  // The two consumer warpgroups take turns issuing their tile's MMAs (FlashAttention-3's ping-pong: one's
+  // softmax runs while the other's MMAs hold the tensor cores): named barrier 2 + wg is this warpgroup's
+  // turn, opened by the other one's arrival. Both take one turn per tile, visible or not, so the turns
+  // alternate to the end; warpgroup 1 opens the first.
+  auto wait_turn = [&] { asm volatile("bar.sync %0, 256;\n" ::"r"(2 + wg) : "memory"); };
+  auto pass_turn = [&] { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - wg) : "memory"); };
+  if (wg == 1) pass_turn();
 
   int q_slot = 0, stage = 0;
   uint32_t q_phase = 0, phase = 0;
@@ -454,8 +505,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if (visible && p_pending) {
         mbarrier_wait(v_full(pv_stage), pv_phase);
         fence_proxy_async_shared();
+        wait_turn();
         issue_qk(stage);
         issue_pv(pv_stage);   // the previous tile's P·V runs during this tile's softmax
+        pass_turn();
         wgmma_wait<1>();      // Q·K^T, committed first, has landed
         release(k_empty(stage));
         softmax(key0, needs_mask, rescale);
@@ -466,7 +519,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         pv_stage = stage;
         pv_phase = phase;
       } else if (visible) {
+        wait_turn();
         issue_qk(stage);
+        pass_turn();
         wgmma_wait<0>();
         release(k_empty(stage));
         softmax(key0, needs_mask, rescale);
@@ -476,6 +531,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         pv_phase = phase;
       } else {  // hidden from this warpgroup: release both halves of the slot unread
         release(k_empty(stage));
+        wait_turn();
+        pass_turn();
         if (p_pending) flush_pending_pv();
         mbarrier_wait(v_full(stage), phase);
         release(v_empty(stage));
