@@ -260,13 +260,6 @@ PrefillKernel prefill_kernel_choice(int device) {
 template <typename T, int kHeadSize>
 void launch_ws_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, int device,
                               cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && kHeadSize == 128) {  // EXPERIMENT: tile shape A/B
-    const char* env = std::getenv("PAGEDINFER_WS_VARIANT");
-    if (p.block_size == 16 && env != nullptr && std::string_view(env) == "64x4") {
-      return launch_ws_prefill_kernel<T, 128, 16, attention::WsPrefillConfig<T, 128, 64, 4>>(p, max_query_len,
-                                                                                            device, stream);
-    }
-  }
   switch (p.block_size) {
     case 16: launch_ws_prefill_kernel<T, kHeadSize, 16>(p, max_query_len, device, stream); break;
     case 32: launch_ws_prefill_kernel<T, kHeadSize, 32>(p, max_query_len, device, stream); break;

@@ -331,14 +331,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (lane == 0) mbarrier_arrive(bar);
   };
 
-  // The two consumer warpgroups take turns issuing their tile's MMAs (FlashAttention-3's ping-pong: one's
-  // softmax runs while the other's MMAs hold the tensor cores): named barrier 2 + wg is this warpgroup's
-  // turn, opened by the other one's arrival. Both take one turn per tile, visible or not, so the turns
-  // alternate to the end; warpgroup 1 opens the first.
-  auto wait_turn = [&] { asm volatile("bar.sync %0, 256;\n" ::"r"(2 + wg) : "memory"); };
-  auto pass_turn = [&] { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - wg) : "memory"); };
-  if (wg == 1) pass_turn();
-
   int q_slot = 0, stage = 0;
   uint32_t q_phase = 0, phase = 0;
   for (;;) {
@@ -505,10 +497,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if (visible && p_pending) {
         mbarrier_wait(v_full(pv_stage), pv_phase);
         fence_proxy_async_shared();
-        wait_turn();
         issue_qk(stage);
         issue_pv(pv_stage);   // the previous tile's P·V runs during this tile's softmax
-        pass_turn();
         wgmma_wait<1>();      // Q·K^T, committed first, has landed
         release(k_empty(stage));
         softmax(key0, needs_mask, rescale);
@@ -519,9 +509,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         pv_stage = stage;
         pv_phase = phase;
       } else if (visible) {
-        wait_turn();
         issue_qk(stage);
-        pass_turn();
         wgmma_wait<0>();
         release(k_empty(stage));
         softmax(key0, needs_mask, rescale);
@@ -531,8 +519,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         pv_phase = phase;
       } else {  // hidden from this warpgroup: release both halves of the slot unread
         release(k_empty(stage));
-        wait_turn();
-        pass_turn();
         if (p_pending) flush_pending_pv();
         mbarrier_wait(v_full(stage), phase);
         release(v_empty(stage));
