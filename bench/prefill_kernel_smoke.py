@@ -1,6 +1,6 @@
 """Quick GPU check of the prompt-chunk kernels, with a diagnosis when one is wrong (seconds to run).
 
-For each PAGEDINFER_PREFILL_KERNEL choice (wgmma_ws, wgmma, wgmma_serial, mma) and a few shapes, prints the max error
+For each PAGEDINFER_PREFILL_KERNEL choice (wgmma_ws, mma) and a few shapes, prints the max error
 against the fp32 reference, and for a wrong kernel where it is wrong:
   * "uniform": the softmax scale ~0 makes every visible key weigh the same, so the output is the mean of V
     over the row's keys whatever Q·K^T gives: wrong here (and the QK-free rows below) points at P·V (V's
@@ -22,7 +22,7 @@ from pagedinfer import _ops  # noqa: E402
 from tests.kernels.reference import ref_paged_attention  # noqa: E402
 from tests.kernels.utils import PAD, make_paged_inputs  # noqa: E402
 
-KERNELS = ["wgmma_ws", "wgmma", "wgmma_serial", "mma"]
+KERNELS = ["wgmma_ws", "mma"]
 SHAPES = {  # name -> (specs, num_heads, num_kv_heads, head_size, block_size, window)
     "1 seq x 128, group 1, head 128": ([(0, 128)], 1, 1, 128, 16, -1),
     "GQA 4, chunk over context, head 128": ([(300, 200), (0, 64), (PAD, 3), (20, 1)], 8, 2, 128, 16, -1),

@@ -1,16 +1,15 @@
 // The CUDA launcher of paged_attention (contract in ops.h) and the split-KV plan that sizes its workspace.
 //
 // Kernels:
-//   mma_prefill_kernel.cuh       max_query_len > 1, fp16/bf16, head_size 64 or 128: FlashAttention-2 style
-//                                tiles of 128 (token, head) rows against 64-key tiles on tensor cores, one
-//                                CTA per (sequence, kv head, row tile); decodes of a mixed step included
-//   wgmma_ws_prefill_kernel.cuh  the same prompt chunks on an sm_90 device with sm_90a code: warpgroup MMA
-//                                (wgmma), warp-specialized (a loader warpgroup, two computing), persistent
-//                                (one CTA per SM walks the row tiles), 128-key tiles
-//   wgmma_prefill_kernel.cuh     the same on wgmma, one CTA per row tile, every warp loading and computing;
-//                                PAGEDINFER_PREFILL_KERNEL (read at every launch) picks it (=wgmma; or
-//                                =wgmma_serial: without its softmax / P·V overlap) or the mma.sync kernel
-//                                (=mma) instead, for A/B runs
+//   wgmma_ws_prefill_kernel.cuh  max_query_len > 1, fp16/bf16, head_size 64 or 128, on an sm_90 device with
+//                                sm_90a code: warpgroup MMA (wgmma), warp-specialized (a loader warpgroup,
+//                                two computing), persistent (one CTA per SM walks items of 128 (token, head)
+//                                rows), 128-key tiles
+//   mma_prefill_kernel.cuh       the same prompt chunks elsewhere (or under PAGEDINFER_PREFILL_KERNEL=mma,
+//                                read at every launch): FlashAttention-2 style, mma.sync, one CTA per
+//                                (sequence, kv head, row tile), 64-key tiles
+//                                Either way the single-token sequences of a mixed step are a second launch
+//                                on the same metadata, of the decode kernel below
 //   mma_attention_kernel.cuh     decode (max_query_len == 1), fp16/bf16 with head_size 64 or 128: one CTA
 //                                per (sequence, kv head, head tile, split), the GQA group as the M of the MMA;
 //                                also the general path, per query token, when `out` is not 16-byte aligned
@@ -33,13 +32,14 @@
 #include <cstdlib>
 #include <limits>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 
 #include "attention/attention_args.h"
 #include "attention/mma_attention_kernel.cuh"
 #include "attention/mma_prefill_kernel.cuh"
 #include "attention/simt_attention_kernel.cuh"
 #include "attention/split_kv_reduce_kernel.cuh"
-#include "attention/wgmma_prefill_kernel.cuh"
 #include "attention/wgmma_ws_prefill_kernel.cuh"
 #include "ops.h"
 
@@ -138,6 +138,17 @@ void set_dynamic_smem(const void* kernel, int bytes) {
   }
 }
 
+// Calls launch(std::integral_constant<int, B>{}) with B = 16 or 32 (the block sizes the tensor-core
+// kernels are specialized for: a key's block is a shift away) or 0 (any block size, read at run time).
+template <typename Launch>
+void for_block_size(int block_size, Launch&& launch) {
+  switch (block_size) {
+    case 16: launch(std::integral_constant<int, 16>{}); break;
+    case 32: launch(std::integral_constant<int, 32>{}); break;
+    default: launch(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 template <typename T, int kHeadSize, int kBlockSize>
 void launch_mma_kernel(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
   using Cfg = attention::MmaAttentionConfig<T, kHeadSize>;
@@ -149,79 +160,60 @@ void launch_mma_kernel(const PagedAttentionParams& p, int64_t grid, cudaStream_t
 
 template <typename T, int kHeadSize>
 void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
-  switch (p.block_size) {
-    case 16: launch_mma_kernel<T, kHeadSize, 16>(p, grid, stream); break;
-    case 32: launch_mma_kernel<T, kHeadSize, 32>(p, grid, stream); break;
-    default: launch_mma_kernel<T, kHeadSize, 0>(p, grid, stream); break;  // any block size
-  }
+  for_block_size(p.block_size, [&](auto block) {
+    launch_mma_kernel<T, kHeadSize, decltype(block)::value>(p, grid, stream);
+  });
 }
 
-// Prompt chunks (max_query_len > 1) on tensor cores, either kernel: grid = sequences x kv heads x row tiles
-// of Cfg::kRows (token, head) rows, all from host ints (max_query_len, shapes), so a captured graph stays
-// valid as lengths change below those bounds. Decodes of a mixed step take one row tile each (their group
-// rows; the CTA's other warps only help load), and the row tiles a shorter sequence does not have exit at
-// once: one launch for the whole step.
-template <typename Cfg, typename Kernel>
-void launch_row_tile_grid(Kernel kernel, const PagedAttentionParams& p, int64_t max_query_len,
-                          cudaStream_t stream) {
+// Prompt chunks (max_query_len > 1) on tensor cores: work items of `rows_per_item` (token, head) rows,
+// sequences x kv heads x row tiles of them, all from host ints (max_query_len, shapes), so a captured graph
+// stays valid as lengths change below those bounds. Returns the row tiles of the longest sequence and the
+// number of items; items a shorter sequence does not have are skipped by the kernels.
+std::pair<int64_t, int64_t> prefill_items(const PagedAttentionParams& p, int64_t max_query_len,
+                                          int64_t rows_per_item) {
   const int64_t group = p.num_heads / p.num_kv_heads;
   PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
            max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
-  const int64_t row_tiles = attention::prefill_row_tiles(max_query_len, group, Cfg::kRows);
-  const int64_t grid = int64_t(p.num_seqs) * p.num_kv_heads * row_tiles;
-  PI_CHECK(grid <= std::numeric_limits<int32_t>::max(), "paged_attention: too many CTAs (", grid,
+  const int64_t row_tiles = attention::prefill_row_tiles(max_query_len, group, rows_per_item);
+  const int64_t items = int64_t(p.num_seqs) * p.num_kv_heads * row_tiles;
+  PI_CHECK(items <= std::numeric_limits<int32_t>::max(), "paged_attention: too many work items (", items,
            ") for one launch");
+  return {row_tiles, items};
+}
+
+// The mma.sync kernel: one CTA per item.
+template <typename T, int kHeadSize, int kBlockSize, int kMTiles>
+void launch_mma_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
+  using Cfg = attention::MmaPrefillConfig<T, kHeadSize, kMTiles>;
+  const auto kernel = attention::mma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kMTiles>;
+  const auto [row_tiles, items] = prefill_items(p, max_query_len, Cfg::kRows);
   set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
-  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles));
+  kernel<<<unsigned(items), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int kHeadSize, int kBlockSize, int kMTiles>
-void launch_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
-  launch_row_tile_grid<attention::MmaPrefillConfig<T, kHeadSize, kMTiles>>(
-      attention::mma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kMTiles>, p, max_query_len, stream);
+// The warp-specialized wgmma kernel: persistent, one CTA per SM walking the items.
+template <typename T, int kHeadSize, int kBlockSize>
+void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, int device,
+                              cudaStream_t stream) {
+  using Cfg = attention::WsPrefillConfig<T, kHeadSize>;
+  const auto kernel = attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize>;
+  const auto [row_tiles, items] = prefill_items(p, max_query_len, Cfg::kRows);
+  const int64_t grid = std::min<int64_t>(items, device_facts(device).sm_count);
+  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles), int(items));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Rows per warp of the prefill kernel: 32 (4 warps, two CTAs per SM; FlashAttention-2's shape) unless
-// PAGEDINFER_PREFILL_WARP_ROWS=16 (8 warps, Q in registers, one CTA per SM). Both are kept, and the knob
-// read once per process, so that one GPU session can measure both shapes on the same build.
+// Rows per warp of the mma.sync prefill kernel: 32 (4 warps, two CTAs per SM; FlashAttention-2's shape)
+// unless PAGEDINFER_PREFILL_WARP_ROWS=16 (8 warps, Q in registers, one CTA per SM). Both are kept, and the
+// knob read once per process, so that one GPU session can measure both shapes on the same build.
 int prefill_warp_m_tiles() {
   static const int m_tiles = [] {
     const char* env = std::getenv("PAGEDINFER_PREFILL_WARP_ROWS");
     return env != nullptr && std::string_view(env) == "16" ? 1 : 2;
   }();
   return m_tiles;
-}
-
-template <typename T, int kHeadSize, int kBlockSize>
-void launch_prefill_for_m_tiles(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
-  if (prefill_warp_m_tiles() == 1) launch_prefill_kernel<T, kHeadSize, kBlockSize, 1>(p, max_query_len, stream);
-  else launch_prefill_kernel<T, kHeadSize, kBlockSize, 2>(p, max_query_len, stream);
-}
-
-// The wgmma kernel: same grid as the mma.sync one (128 rows per CTA), 256 threads, one CTA per SM.
-template <typename T, int kHeadSize, int kBlockSize, bool kPipelined>
-void launch_wgmma_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
-  launch_row_tile_grid<attention::WgmmaPrefillConfig<T, kHeadSize>>(
-      attention::wgmma_prefill_attention_kernel<T, kHeadSize, kBlockSize, kPipelined>, p, max_query_len, stream);
-}
-
-// The warp-specialized wgmma kernel: persistent, one CTA per SM over the same 128-row items.
-template <typename T, int kHeadSize, int kBlockSize, typename Cfg = attention::WsPrefillConfig<T, kHeadSize>>
-void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, int device,
-                              cudaStream_t stream) {
-  const auto kernel = attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize, Cfg>;
-  const int64_t group = p.num_heads / p.num_kv_heads;
-  PI_CHECK(max_query_len * group <= std::numeric_limits<int32_t>::max(), "paged_attention: max_query_len ",
-           max_query_len, " x group ", group, " exceeds the int32 range of the CUDA kernels");
-  const int64_t row_tiles = attention::prefill_row_tiles(max_query_len, group, Cfg::kRows);
-  const int64_t items = int64_t(p.num_seqs) * p.num_kv_heads * row_tiles;
-  PI_CHECK(items <= std::numeric_limits<int32_t>::max(), "paged_attention: too many work items (", items,
-           ") for one launch");
-  const int64_t grid = std::min<int64_t>(items, device_facts(device).sm_count);
-  set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
-  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles), int(items));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Whether the wgmma kernel can run on `device`: compute capability 9.x, and the device code loaded for it
@@ -243,59 +235,29 @@ bool wgmma_prefill_available(int device) {
   return ok;
 }
 
-// Which prompt-chunk kernel: PAGEDINFER_PREFILL_KERNEL=mma keeps the mma.sync kernel where the wgmma ones
-// could run; =wgmma the one-CTA-per-item wgmma kernel, =wgmma_serial the same without the P·V / softmax
-// overlap; anything else, or unset, the warp-specialized wgmma kernel where available. Read at every launch
-// (a getenv, ~100 ns) so tests can switch it.
-enum class PrefillKernel { kMma, kWgmmaSerial, kWgmma, kWgmmaWs };
-
-PrefillKernel prefill_kernel_choice(int device) {
+// The wgmma kernel where it can run, unless PAGEDINFER_PREFILL_KERNEL=mma asks for the mma.sync one (A/B
+// runs). Read at every launch (a getenv, ~100 ns) so tests can switch it.
+bool use_wgmma_prefill(int device) {
   const char* env = std::getenv("PAGEDINFER_PREFILL_KERNEL");
-  const std::string_view choice = env != nullptr ? env : "";
-  if (choice == "mma" || !wgmma_prefill_available(device)) return PrefillKernel::kMma;
-  if (choice == "wgmma_serial") return PrefillKernel::kWgmmaSerial;
-  return choice == "wgmma" ? PrefillKernel::kWgmma : PrefillKernel::kWgmmaWs;
+  return !(env != nullptr && std::string_view(env) == "mma") && wgmma_prefill_available(device);
 }
 
 template <typename T, int kHeadSize>
-void launch_ws_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, int device,
-                              cudaStream_t stream) {
-  switch (p.block_size) {
-    case 16: launch_ws_prefill_kernel<T, kHeadSize, 16>(p, max_query_len, device, stream); break;
-    case 32: launch_ws_prefill_kernel<T, kHeadSize, 32>(p, max_query_len, device, stream); break;
-    default: launch_ws_prefill_kernel<T, kHeadSize, 0>(p, max_query_len, device, stream); break;
-  }
-}
-
-template <typename T, int kHeadSize, bool kPipelined>
-void launch_wgmma_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, cudaStream_t stream) {
-  switch (p.block_size) {
-    case 16: launch_wgmma_prefill_kernel<T, kHeadSize, 16, kPipelined>(p, max_query_len, stream); break;
-    case 32: launch_wgmma_prefill_kernel<T, kHeadSize, 32, kPipelined>(p, max_query_len, stream); break;
-    default: launch_wgmma_prefill_kernel<T, kHeadSize, 0, kPipelined>(p, max_query_len, stream); break;
-  }
-}
-
-template <typename T, int kHeadSize>
-void launch_prefill_for_block_size(const PagedAttentionParams& p, int64_t max_query_len, PrefillKernel kernel,
-                                   int device, cudaStream_t stream) {
-  if (kernel == PrefillKernel::kWgmmaWs) return launch_ws_for_block_size<T, kHeadSize>(p, max_query_len, device, stream);
-  if (kernel == PrefillKernel::kWgmma) return launch_wgmma_for_block_size<T, kHeadSize, true>(p, max_query_len, stream);
-  if (kernel == PrefillKernel::kWgmmaSerial) {
-    return launch_wgmma_for_block_size<T, kHeadSize, false>(p, max_query_len, stream);
-  }
-  switch (p.block_size) {
-    case 16: launch_prefill_for_m_tiles<T, kHeadSize, 16>(p, max_query_len, stream); break;
-    case 32: launch_prefill_for_m_tiles<T, kHeadSize, 32>(p, max_query_len, stream); break;
-    default: launch_prefill_for_m_tiles<T, kHeadSize, 0>(p, max_query_len, stream); break;  // any block size
-  }
+void launch_prefill_for_head_size(const PagedAttentionParams& p, int64_t max_query_len, bool wgmma, int device,
+                                  cudaStream_t stream) {
+  for_block_size(p.block_size, [&](auto block) {
+    constexpr int kBlockSize = decltype(block)::value;
+    if (wgmma) launch_ws_prefill_kernel<T, kHeadSize, kBlockSize>(p, max_query_len, device, stream);
+    else if (prefill_warp_m_tiles() == 1) launch_mma_prefill_kernel<T, kHeadSize, kBlockSize, 1>(p, max_query_len, stream);
+    else launch_mma_prefill_kernel<T, kHeadSize, kBlockSize, 2>(p, max_query_len, stream);
+  });
 }
 
 template <typename T>
 void launch_prefill(const PagedAttentionParams& p, int64_t max_query_len, int device, cudaStream_t stream) {
-  const PrefillKernel kernel = prefill_kernel_choice(device);
-  if (p.head_size == 128) launch_prefill_for_block_size<T, 128>(p, max_query_len, kernel, device, stream);
-  else launch_prefill_for_block_size<T, 64>(p, max_query_len, kernel, device, stream);
+  const bool wgmma = use_wgmma_prefill(device);
+  if (p.head_size == 128) launch_prefill_for_head_size<T, 128>(p, max_query_len, wgmma, device, stream);
+  else launch_prefill_for_head_size<T, 64>(p, max_query_len, wgmma, device, stream);
 }
 
 template <typename T>

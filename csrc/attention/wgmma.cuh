@@ -197,4 +197,28 @@ PI_DEFINE_WGMMA(__half, "f16")
 #undef PI_REGS_64
 #undef PI_REGS_32
 
+// ---- the 128-byte-swizzle canonical layout the operands use, and the build probe ---------------------------
+
+// Byte offset of 16-byte chunk `chunk` (0 .. kHeadSize / 8 - 1) of row `row` in a [half][rows][64] region
+// of `half_bytes` per half: the 128-byte-swizzle canonical layout.
+__device__ __forceinline__ uint32_t sw128_offset(int row, int chunk, int half_bytes) {
+  return uint32_t((chunk >> 3) * half_bytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
+}
+
+// Tells the host whether the device code it would run was built with wgmma (sm_90a / compute_90a) or
+// without (a plain sm_90 or older target, where the prefill kernel traps): only the wgmma build gives this
+// kernel kWgmmaProbeSmemBytes of static shared memory, which cudaFuncGetAttributes reports without a launch
+// (so the check is also legal during CUDA-graph capture). Never launched.
+constexpr int kWgmmaProbeSmemBytes = 2048;
+__global__ void wgmma_build_probe_kernel(int* out) {
+#if PAGEDINFER_WGMMA
+  __shared__ volatile int marker[kWgmmaProbeSmemBytes / 4];
+  marker[threadIdx.x % (kWgmmaProbeSmemBytes / 4)] = int(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = marker[(threadIdx.x + 1) % (kWgmmaProbeSmemBytes / 4)];
+#else
+  if (out == nullptr) __trap();
+#endif
+}
+
 }  // namespace pagedinfer::attention

@@ -1,8 +1,7 @@
 // Paged attention for prompt chunks on sm_90a, warp-specialized and persistent (FlashAttention-3's shape;
 // fp16/bf16, head_size 64 or 128). Same work items and semantics as the other prompt-chunk kernels (an item
 // is a tile of 128 (token, head-of-group) rows of one (sequence, kv head), token-major; masks only where a
-// row's range cuts a key tile; tiles no row sees skipped; invalid keys zero-filled; padded rows -> zeros),
-// and the same shared-memory layout as wgmma_prefill_kernel.cuh (128-byte-swizzle canonical halves), but:
+// row's range cuts a key tile; tiles no row sees skipped; invalid keys zero-filled; padded rows -> zeros):
 //
 //   * one CTA per SM (grid = min(items, SMs)) walks the items that exist (item blockIdx.x, + gridDim.x,
 //     ...) longest first (every sequence's last row tile, then the ones before), so one item's loads
@@ -25,6 +24,17 @@
 // (parity flipped: a fresh barrier lets the first pass through), the consumers for the phase of "full"
 // that filled it. A consumer warp arrives on a slot's "empty" only after waiting on its "full" (even for a
 // tile it skips), so its arrival always counts toward the right phase.
+//
+// Shared memory: every operand in the 128-byte-swizzle canonical layout (rows of 64 elements = 128 B, atoms
+// of 8 rows = 1 KB, 1 KB aligned, 16-byte chunk c of row r at chunk c ^ (r % 8): wgmma.cuh sw128_offset);
+// a head of 128 is two "halves" (dims 0-63, 64-127), each its own region of rows. Descriptors
+// (wgmma_desc_sw128), base offset 0:
+//   Q, K (K-major): stride byte offset 1024 (from one 8-row atom to the next along M/N); leading byte
+//     offset unused (one k-step's 32 bytes never leave a 128-byte row) and set to 16. k-step ks reads half
+//     ks / 4 at start + 32 * (ks % 4) bytes: the hardware applies the swizzle to the address it forms, so
+//     an in-atom start offset selects columns 16 (ks % 4) .. + 15.
+//   V (MN-major): the 16 keys of a k-step are two 8-row atoms 1 KB apart (stride byte offset); the
+//     64-wide halves of N are a tile-half apart (leading byte offset). k-step kk starts at kk * 2 KB.
 #pragma once
 
 #include <cstdint>
@@ -32,7 +42,6 @@
 #include "attention/attention_params.cuh"
 #include "attention/ptx.cuh"
 #include "attention/wgmma.cuh"
-#include "attention/wgmma_prefill_kernel.cuh"  // sw128_offset
 
 namespace pagedinfer::attention {
 
@@ -51,16 +60,14 @@ struct PrefillWork {
 };
 constexpr int kComputeItem = 0, kZeroItem = 1, kNoMoreItems = 2;
 
-// kTileKeys: keys per tile (the N of S, the K of P·V), 128 or 64; kStages: K/V ring slots.
-template <typename T, int kHeadSize, int kTileKeysArg = 128, int kStagesArg = kHeadSize == 128 ? 2 : 4>
+template <typename T, int kHeadSize>
 struct WsPrefillConfig {
   static_assert(kHeadSize == 64 || kHeadSize == 128, "the wgmma path is specialized for 64 and 128");
-  static_assert(kTileKeysArg == 64 || kTileKeysArg == 128, "tiles of 64 or 128 keys");
   static constexpr int kRows = 128;                  // rows per item: 2 consumer warpgroups x 64
   static constexpr int kThreads = 384;               // warpgroup 0 loads, 1 and 2 compute
   static constexpr int kConsumerWarps = 8;
-  static constexpr int kTileKeys = kTileKeysArg;
-  static constexpr int kStages = kStagesArg;
+  static constexpr int kTileKeys = 128;               // keys per tile: the N of S, the K of P·V
+  static constexpr int kStages = kHeadSize == 128 ? 2 : 4;  // K/V ring slots (64-key tiles, 4 slots: slower)
   // The loaders list the items that exist (a sequence shorter than the longest has fewer row tiles; decodes
   // may run elsewhere) in shared memory when there are at most this many sequences and row tiles a sequence:
   // the sequences sorted by row tiles, and how many have more than r row tiles, for each r.
@@ -91,10 +98,11 @@ struct WsPrefillConfig {
 
 // kBlockSize: 16 or 32 (compile time), or 0 (any block size). row_tiles: prefill_row_tiles(max_query_len,
 // group, kRows); num_items = num_seqs * num_kv_heads * row_tiles; both from host ints (CUDA-graph safe).
-template <typename T, int kHeadSize, int kBlockSize, typename Cfg = WsPrefillConfig<T, kHeadSize>>
-__global__ void __launch_bounds__(Cfg::kThreads, 1)
+template <typename T, int kHeadSize, int kBlockSize>
+__global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     wgmma_ws_prefill_attention_kernel(const PagedAttentionParams p, const int row_tiles, const int num_items) {
 #if PAGEDINFER_WGMMA
+  using Cfg = WsPrefillConfig<T, kHeadSize>;
   constexpr int kKSteps = kHeadSize / 16;        // k-steps of Q·K^T
   constexpr int kPSteps = Cfg::kTileKeys / 16;   // k-steps of P·V
   constexpr int kSRegs = Cfg::kTileKeys / 2;     // S (then P) of one tile, per thread

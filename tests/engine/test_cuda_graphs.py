@@ -198,18 +198,25 @@ def test_decode_steps_through_the_buffers_match_hf(tiny_model: Path) -> None:
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, n)
 
 
-def test_preemption_and_forks_through_the_buffers_match_hf(tiny_model: Path) -> None:
-    """A 16-block pool: sequences are preempted and come back into decode batches; n=2 siblings share
-    a prompt's blocks (copy-on-write of the partial one)."""
-    llm = _cpu_llm_with_buffers(tiny_model, num_gpu_blocks_override=16, max_model_len=64, max_num_seqs=8)
+def _check_preempted_decodes_match_hf(llm, model: Path, hf_device: str):
+    """Four 12-token prompts growing by 20 greedy tokens in the LLM's small pool: some are preempted, and
+    every decode step replays a graph (or fills its buffers); tokens match HF's. Returns (prompts, HF model)."""
     log = StepLog(llm)
     prompts = [torch.randint(2, 320, (12,)).tolist() for _ in range(4)]
     outputs = _generate(llm, prompts, _greedy(20))
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert llm.llm_engine.model_runner.num_graph_replays == log.decode_steps > 0
-    hf = load_hf(tiny_model, "cpu")
+    hf = load_hf(model, hf_device)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
+    return prompts, hf
+
+
+def test_preemption_and_forks_through_the_buffers_match_hf(tiny_model: Path) -> None:
+    """A 16-block pool: sequences are preempted and come back into decode batches; n=2 siblings share
+    a prompt's blocks (copy-on-write of the partial one)."""
+    llm = _cpu_llm_with_buffers(tiny_model, num_gpu_blocks_override=16, max_model_len=64, max_num_seqs=8)
+    prompts, hf = _check_preempted_decodes_match_hf(llm, tiny_model, "cpu")
     (forked,) = _generate(llm, prompts[:1], _greedy(6, n=2))
     assert [c.token_ids for c in forked.outputs] == [hf_greedy(hf, prompts[0], 6)] * 2
 
@@ -318,14 +325,7 @@ def test_graphs_under_preemption_match_hf(tiny_model: Path) -> None:
     """16 blocks of 4 tokens for four sequences growing to 32 tokens: preempted and recomputed
     sequences go back into graph batches."""
     llm = _llm(tiny_model, num_gpu_blocks_override=16, max_model_len=64, max_num_seqs=8)
-    log = StepLog(llm)
-    prompts = [torch.randint(2, 320, (12,)).tolist() for _ in range(4)]
-    outputs = _generate(llm, prompts, _greedy(20))
-    assert llm.llm_engine.scheduler.num_preemptions > 0
-    assert llm.llm_engine.model_runner.num_graph_replays == log.decode_steps > 0
-    hf = load_hf(tiny_model, "cuda")
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
+    _check_preempted_decodes_match_hf(llm, tiny_model, "cuda")
 
 
 @pytest.fixture(scope="module")

@@ -40,20 +40,16 @@ def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
 
 
 # On an sm_90 GPU (with sm_90a code) prompt chunks run wgmma_ws_prefill_kernel.cuh (warp-specialized);
-# PAGEDINFER_PREFILL_KERNEL (read by the launcher at every call) selects the one-CTA-per-tile wgmma kernel
-# ("wgmma"), the same without its softmax / P·V overlap ("wgmma_serial") or the mma.sync kernel ("mma")
-# instead. Tests with prompt chunks run under wgmma_ws, wgmma and mma (PREFILL_KERNELS), those of the prefill
-# kernels' own tiling under all four (ALL_PREFILL_KERNELS). On the CPU, and on GPUs without wgmma, every
-# choice takes the same path: the CPU runs only the first (tests/conftest.py deselects the others).
+# PAGEDINFER_PREFILL_KERNEL=mma (read by the launcher at every call) selects the mma.sync kernel instead,
+# the one other GPUs run. Tests with prompt chunks run under both (PREFILL_KERNELS). On the CPU every choice
+# takes the same path: the CPU runs only the first (tests/conftest.py deselects the other).
 @pytest.fixture
 def prefill_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("PAGEDINFER_PREFILL_KERNEL", request.param)
     return request.param
 
 
-PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma_ws", "wgmma", "mma"], indirect=True)
-ALL_PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma_ws", "wgmma", "wgmma_serial", "mma"],
-                                              indirect=True)
+PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma_ws", "mma"], indirect=True)
 
 
 # (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Lengths straddle multiples of
@@ -288,7 +284,7 @@ PREFILL_TILING = {
 }
 
 
-@ALL_PREFILL_KERNELS
+@PREFILL_KERNELS
 @pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [-1, 5, 100])  # none; smaller than a key tile; larger
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -348,7 +344,7 @@ def test_mixed_step_runs_its_decodes_on_the_decode_kernel(prefill_kernel):
     assert not any("mma_paged_attention_kernel" in k for k in prompts), prompts
 
 
-@ALL_PREFILL_KERNELS
+@PREFILL_KERNELS
 @pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [-1, 200])
 def test_cuda_graph_prefill_with_changing_lengths(prefill_kernel, sliding_window):
