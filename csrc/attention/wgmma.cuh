@@ -33,6 +33,17 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr, uint32_
          (uint64_t((stride_bytes >> 4) & 0x3FFFu) << 32) | (uint64_t(1) << 62);
 }
 
+// The descriptor of the operand `bytes` further on in shared memory (same layout): only the start address
+// field moves; a shared-memory address fits it, so the add never carries out of the field.
+__device__ __forceinline__ uint64_t wgmma_desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+// x, as a value made at this point: what derives from it is computed here, not hoisted out of a loop to
+// hold registers across it.
+__device__ __forceinline__ uint64_t recompute_here(uint64_t x) {
+  asm volatile("mov.b64 %0, %0;" : "+l"(x));
+  return x;
+}
+
 // Orders this thread's earlier register accesses before the wgmma operations that follow (required
 // before the first wgmma of a batch whose accumulator or A registers other instructions touched).
 __device__ __forceinline__ void wgmma_fence() {

@@ -38,6 +38,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention/attention_params.cuh"
 #include "attention/ptx.cuh"
@@ -153,6 +154,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     const int block_size = kBlockSize > 0 ? kBlockSize : p.block_size;
     const T* kv = static_cast<const T*>(p.kv_cache);
     const int64_t token_stride = int64_t(p.num_kv_heads) * kHeadSize;
+    const uint32_t block_elems = uint32_t(token_stride) * block_size;   // a block's first row to the next's
+    const int64_t pass_stride = token_stride * Cfg::kRowsPerPass;       // one pass's rows to the next's
     const bool q_aligned = reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && p.q_row_stride % 8 == 0;
     const int ld_row = lt / Cfg::kChunks, ld_chunk = lt % Cfg::kChunks;
     const uint32_t ld_dst = sw128_offset(ld_row, ld_chunk, Cfg::kTileHalfBytes);
@@ -277,7 +280,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       // ---- K and V of each tile into the ring; keys outside [key_begin, key_end) zero-filled (src-size 0):
       // stale cache rows may hold NaN ----
       const int32_t* block_table = p.block_tables + int64_t(seq) * p.max_blocks_per_seq;
-      const T* src_base = kv + int64_t(kv_head) * kHeadSize + ld_chunk * 8;
+      // This thread's 16 bytes of its first row: head, chunk, and row ld_row of a block.
+      const T* src_base = kv + int64_t(kv_head) * kHeadSize + ld_chunk * 8 + (kBlockSize > 0 ? ld_row : 0) * token_stride;
       // With a compile-time block size a tile spans kTileBlocks whole blocks: lane b of each loader warp
       // reads block b's id once per tile and the warp's lanes take theirs by shuffle (no dependent global
       // load per row). Table columns past the end are never read (their keys are invalid).
@@ -288,22 +292,46 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         const int block = tile * kTileBlocks + lane;
         return kBlockSize > 0 && lane < kTileBlocks && block < p.max_blocks_per_seq ? block_table[block] : 0;
       };
+      // One tile's K (or V) rows into a ring slot: pass `pass` copies row ld_row + pass * kRowsPerPass of the
+      // tile. With a compile-time block size the rows of a block are token_stride apart from its first, so
+      // a block costs one shuffle and one multiply; only the tiles that cut [key_begin, key_end) check keys.
       auto load_rows = [&](int tile, int block_ids, uint32_t slot_addr, int64_t part_offset) {
-#pragma unroll 4
-        for (int pass = 0; pass < Cfg::kLoadPasses; ++pass) {
-          const int row = ld_row + pass * Cfg::kRowsPerPass;  // of the tile
-          const int key = tile * Cfg::kTileKeys + row;
-          const bool valid = key >= w.key_begin && key < w.key_end;
-          int64_t src = 0;
-          if constexpr (kBlockSize > 0) {
-            const int block = __shfl_sync(0xffffffffu, block_ids, row / kBlockSize);
-            src = (int64_t(block) * kBlockSize + row % kBlockSize) * token_stride;
-          } else if (valid) {
-            src = kv_row_offset(block_table, key, block_size, token_stride, 0);
-          }
+        const int key0 = tile * Cfg::kTileKeys;
+        const bool whole = key0 >= w.key_begin && key0 + Cfg::kTileKeys <= w.key_end;
+        const T* base = src_base + part_offset;
+        auto copy = [&](int pass, const T* src, bool valid) {
           const uint32_t dst = slot_addr + ld_dst + pass * Cfg::kRowsPerPass * Cfg::kRowBytes;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
-                       "l"(src_base + (valid ? src + part_offset : 0)), "r"(valid ? 16 : 0));
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(valid ? src : base),
+                       "r"(valid ? 16 : 0));
+        };
+        if constexpr (kBlockSize > 0) {
+          constexpr int kPassesPerBlock = kBlockSize / Cfg::kRowsPerPass;
+          static_assert(kBlockSize % Cfg::kRowsPerPass == 0, "a pass stays inside one block");
+          auto block_src = [&](int b) {  // block ids are >= 0 and a block's elements fit 32 bits: one IMAD.WIDE
+            return base + uint64_t(uint32_t(__shfl_sync(0xffffffffu, block_ids, b))) * block_elems;
+          };
+          if (whole) {
+#pragma unroll
+            for (int b = 0; b < kTileBlocks; ++b) {
+              const T* src = block_src(b);
+#pragma unroll
+              for (int k = 0; k < kPassesPerBlock; ++k) copy(b * kPassesPerBlock + k, src + k * pass_stride, true);
+            }
+          } else {
+#pragma unroll 1  // a loop of its own: unrolled, the compiler predicates it into the path above
+            for (int pass = 0; pass < Cfg::kLoadPasses; ++pass) {
+              const int key = key0 + ld_row + pass * Cfg::kRowsPerPass;
+              const T* src = block_src(pass / kPassesPerBlock) + (pass % kPassesPerBlock) * pass_stride;
+              copy(pass, src, key >= w.key_begin && key < w.key_end);
+            }
+          }
+        } else {
+#pragma unroll 4
+          for (int pass = 0; pass < Cfg::kLoadPasses; ++pass) {
+            const int key = key0 + ld_row + pass * Cfg::kRowsPerPass;
+            const bool valid = key >= w.key_begin && key < w.key_end;
+            copy(pass, valid ? base + kv_row_offset(block_table, key, block_size, token_stride, 0) : base, valid);
+          }
         }
       };
       for (int i = 0; i < w.num_tiles; ++i) {
@@ -367,11 +395,16 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     const int wg_last = (wg_row0 + 64 < w.cta_rows ? wg_row0 + 64 : w.cta_rows) - 1;
     const int wg_pos_lo = w.context + (w.row0 + wg_row0) / group;
     const int wg_pos_hi = w.context + (w.row0 + wg_last) / group;
-    // Position of this thread's row g + 8h of its warp; -1 past cta_rows (sees nothing, never written).
-    auto row_position = [&](int h) {
+    // The keys this thread's rows g and g + 8 of its warp see: (key_lo, key_hi]. Past cta_rows none
+    // (key_hi -1; those rows are never written); none at or past key_end (where the keys are zero-filled).
+    int key_lo[2], key_hi[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
       const int r = wg_row0 + 16 * wg_warp + g + 8 * h;
-      return r < w.cta_rows ? w.context + (w.row0 + r) / group : -1;
-    };
+      const int pos = w.context + (w.row0 + r) / group;
+      key_hi[h] = r >= w.cta_rows ? -1 : pos < w.key_end ? pos : w.key_end - 1;
+      key_lo[h] = window > 0 ? key_hi[h] - window : -1;
+    }
 
     float o[kORegs];
 #pragma unroll
@@ -384,14 +417,17 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     int pv_stage = 0;
     uint32_t pv_phase = 0;
 
+    // Descriptors: one base each, made again at every issue and advanced by constants (wgmma_desc_advance),
+    // so that no k-step's descriptor stays in registers across the loop (the softmax needs them).
     auto issue_qk = [&](int st) {
+      const uint64_t q_desc = recompute_here(wgmma_desc_sw128(q_wg_addr, 16, 1024));
+      const uint64_t k_desc = recompute_here(wgmma_desc_sw128(k_addr + st * Cfg::kTileBytes, 16, 1024));
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
         const uint32_t in_row = uint32_t(ks & 3) * 32u;  // bytes into the 128-byte rows: columns 16 (ks % 4) ..
-        const uint64_t da = wgmma_desc_sw128(q_wg_addr + (ks >> 2) * Cfg::kQHalfBytes + in_row, 16, 1024);
-        const uint64_t db =
-            wgmma_desc_sw128(k_addr + st * Cfg::kTileBytes + (ks >> 2) * Cfg::kTileHalfBytes + in_row, 16, 1024);
+        const uint64_t da = wgmma_desc_advance(q_desc, (ks >> 2) * Cfg::kQHalfBytes + in_row);
+        const uint64_t db = wgmma_desc_advance(k_desc, (ks >> 2) * Cfg::kTileHalfBytes + in_row);
         if (ks == 0) Wgmma<T, Cfg::kTileKeys>::ss_first(s, da, db);
         else Wgmma<T, Cfg::kTileKeys>::ss(s, da, db, true);
       }
@@ -399,13 +435,14 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     };
     // V MN-major: 8-key atoms 1 KB apart (stride byte offset), 64-dim halves a tile-half apart (leading).
     auto issue_pv = [&](int st) {
+      const uint64_t v_desc =
+          recompute_here(wgmma_desc_sw128(v_addr + st * Cfg::kTileBytes, Cfg::kTileHalfBytes, 1024));
 #pragma unroll
       for (int i = 0; i < kORegs; ++i) wgmma_fence_operand(o[i]);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
-        const uint64_t dv = wgmma_desc_sw128(v_addr + st * Cfg::kTileBytes + kk * 16 * Cfg::kRowBytes,
-                                             Cfg::kTileHalfBytes, 1024);
+        const uint64_t dv = wgmma_desc_advance(v_desc, kk * 16 * Cfg::kRowBytes);
         Wgmma<T, kHeadSize>::rs_tn(o, pa[kk], dv);
       }
       wgmma_commit();
@@ -421,28 +458,35 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     };
     // Mask and online softmax of S (landed) for keys key0 ..: s becomes P (unnormalized), row_max and
     // row_sum advance; O's rescale factors are returned, not applied (a P·V may still be writing O).
-    auto softmax = [&](int key0, bool needs_mask, float (&rescale)[2]) {
+    // kMasked is a compile-time constant, and the mask is selects, no branch: this runs while a P·V is in
+    // flight, and a branch that joins there makes ptxas wait for that P·V first (no overlap left).
+    auto softmax = [&](auto masked, int key0, float (&rescale)[2]) {
+      constexpr bool kMasked = decltype(masked)::value;
 #pragma unroll
       for (int i = 0; i < kSRegs; ++i) wgmma_fence_operand(s[i]);
-      if (needs_mask) {
-        const int pos[2] = {row_position(0), row_position(1)};
+      if constexpr (kMasked) {
 #pragma unroll
         for (int j = 0; j < kSRegs / 4; ++j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = key0 + 8 * j + 2 * t + (e & 1);
-            if (key > pos[e / 2] || key >= w.key_end || (window > 0 && key <= pos[e / 2] - window)) {
-              s[4 * j + e] = -INFINITY;
-            }
+            s[4 * j + e] = key > key_hi[e / 2] || key <= key_lo[e / 2] ? -INFINITY : s[4 * j + e];
           }
         }
       }
-      // The row's 4 threads (a quad) hold its 128 scores, 32 each.
+      // The row's 4 threads (a quad) hold its 128 scores, 32 each. Maxima and sums in kChains independent
+      // chains: one chain is 32 dependent instructions, and two warps a scheduler leave its latency bare.
+      constexpr int kChains = 4;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float tile_max = -INFINITY;
+        float chain_max[kChains];
 #pragma unroll
-        for (int j = 0; j < kSRegs / 4; ++j) tile_max = fmaxf(tile_max, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+        for (int c = 0; c < kChains; ++c) chain_max[c] = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kSRegs / 4; ++j) {
+          chain_max[j % kChains] = fmaxf(chain_max[j % kChains], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+        }
+        float tile_max = fmaxf(fmaxf(chain_max[0], chain_max[1]), fmaxf(chain_max[2], chain_max[3]));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         const float new_max = fmaxf(row_max[h], tile_max);
@@ -450,13 +494,14 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         const float ref = new_max == -INFINITY ? 0.f : new_max * p.scale_log2;
         rescale[h] = row_max[h] == new_max ? 1.f : fast_exp2(row_max[h] * p.scale_log2 - ref);
         row_max[h] = new_max;
-        float sum = 0.f;
+        float chain_sum[kChains] = {};
 #pragma unroll
         for (int j = 0; j < kSRegs / 4; ++j) {
           s[4 * j + 2 * h] = fast_exp2(fmaf(s[4 * j + 2 * h], p.scale_log2, -ref));
           s[4 * j + 2 * h + 1] = fast_exp2(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -ref));
-          sum += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+          chain_sum[j % kChains] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
         }
+        const float sum = (chain_sum[0] + chain_sum[1]) + (chain_sum[2] + chain_sum[3]);
         row_sum[h] = row_sum[h] * rescale[h] + sum;
       }
     };
@@ -502,25 +547,36 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       mbarrier_wait(k_full(stage), phase);
       fence_proxy_async_shared();
       float rescale[2];
+      // Q·K^T, then the softmax; with a P waiting, its P·V issued behind the Q·K^T runs during the softmax
+      // (FlashAttention-3's intra-warpgroup overlap). Straight-line code from the first issue to the last
+      // wait: ptxas makes a branch that joins with a wgmma in flight wait for it.
+      auto qk_softmax = [&](auto masked) {
+        issue_qk(stage);
+        wgmma_wait<0>();
+        release(k_empty(stage));
+        softmax(masked, key0, rescale);
+      };
+      auto qk_softmax_over_pv = [&](auto masked) {
+        issue_qk(stage);
+        issue_pv(pv_stage);
+        wgmma_wait<1>();  // Q·K^T, committed first, has landed
+        release(k_empty(stage));
+        softmax(masked, key0, rescale);
+        wgmma_wait<0>();
+      };
       if (visible && p_pending) {
         mbarrier_wait(v_full(pv_stage), pv_phase);
         fence_proxy_async_shared();
-        issue_qk(stage);
-        issue_pv(pv_stage);   // the previous tile's P·V runs during this tile's softmax
-        wgmma_wait<1>();      // Q·K^T, committed first, has landed
-        release(k_empty(stage));
-        softmax(key0, needs_mask, rescale);
-        wgmma_wait<0>();
+        if (needs_mask) qk_softmax_over_pv(std::true_type{});
+        else qk_softmax_over_pv(std::false_type{});
         pv_done();
         release(v_empty(pv_stage));
         rescale_and_pack(rescale);
         pv_stage = stage;
         pv_phase = phase;
       } else if (visible) {
-        issue_qk(stage);
-        wgmma_wait<0>();
-        release(k_empty(stage));
-        softmax(key0, needs_mask, rescale);
+        if (needs_mask) qk_softmax(std::true_type{});
+        else qk_softmax(std::false_type{});
         rescale_and_pack(rescale);
         p_pending = true;
         pv_stage = stage;
