@@ -33,16 +33,23 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr, uint32_
          (uint64_t((stride_bytes >> 4) & 0x3FFFu) << 32) | (uint64_t(1) << 62);
 }
 
-// The descriptor of the operand `bytes` further on in shared memory (same layout): only the start address
-// field moves; a shared-memory address fits it, so the add never carries out of the field.
-__device__ __forceinline__ uint64_t wgmma_desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
-
-// x, as a value made at this point: what derives from it is computed here, not hoisted out of a loop to
-// hold registers across it.
-__device__ __forceinline__ uint64_t recompute_here(uint64_t x) {
-  asm volatile("mov.b64 %0, %0;" : "+l"(x));
-  return x;
-}
+// A run of operands of one layout, as its descriptor's two words: the low word (start address and leading
+// byte offset) moves from operand to operand, the high word (stride, swizzle) is a compile-time constant,
+// so a descriptor costs one 32-bit add and one move to a uniform register. The low word is made again
+// where the run is built (an empty asm the compiler cannot look through), not hoisted out of the caller's
+// loop to hold a register per descriptor across it.
+struct WgmmaDescRun {
+  uint32_t lo, hi;
+  __device__ __forceinline__ WgmmaDescRun(uint32_t smem_addr, uint32_t leading_bytes, uint32_t stride_bytes) {
+    const uint64_t d = wgmma_desc_sw128(smem_addr, leading_bytes, stride_bytes);
+    lo = uint32_t(d);
+    hi = uint32_t(d >> 32);
+    lo = __shfl_sync(0xffffffffu, lo, 0);
+  }
+  // The operand `bytes` further on: only the start address field moves; a shared-memory address fits it,
+  // so the add never carries out of the field.
+  __device__ __forceinline__ uint64_t at(uint32_t bytes) const { return (uint64_t(hi) << 32) | (lo + (bytes >> 4)); }
+};
 
 // Orders this thread's earlier register accesses before the wgmma operations that follow (required
 // before the first wgmma of a batch whose accumulator or A registers other instructions touched).

@@ -158,6 +158,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     const int64_t pass_stride = token_stride * Cfg::kRowsPerPass;       // one pass's rows to the next's
     const bool q_aligned = reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && p.q_row_stride % 8 == 0;
     const int ld_row = lt / Cfg::kChunks, ld_chunk = lt % Cfg::kChunks;
+    const int q_token_step = Cfg::kRowsPerPass / group, q_head_step = Cfg::kRowsPerPass % group;
     const uint32_t ld_dst = sw128_offset(ld_row, ld_chunk, Cfg::kTileHalfBytes);
     // Row tiles of a sequence this kernel serves (0: none).
     auto row_tiles_of = [&](int seq) {
@@ -237,6 +238,23 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
                         ? (w.key_end + Cfg::kTileKeys - 1) / Cfg::kTileKeys - w.tile_first
                         : 0;
 
+      const int32_t* block_table = p.block_tables + int64_t(seq) * p.max_blocks_per_seq;
+      // This thread's 16 bytes of its first row: head, chunk, and row ld_row of a block.
+      const T* src_base = kv + int64_t(kv_head) * kHeadSize + ld_chunk * 8 + (kBlockSize > 0 ? ld_row : 0) * token_stride;
+      // With a compile-time block size a tile spans kTileBlocks whole blocks: lane b of each loader warp
+      // reads block b's id once per tile and the warp's lanes take theirs by shuffle (no dependent global
+      // load per row). Table columns past the end are never read (their keys are invalid).
+      constexpr int kTileBlocks = kBlockSize > 0 ? Cfg::kTileKeys / kBlockSize : 1;
+      static_assert(Cfg::kTileKeys % (kBlockSize > 0 ? kBlockSize : 1) == 0 && kTileBlocks <= 32, "whole blocks");
+      const int lane = lt % 32;
+      auto tile_block_ids = [&](int tile) {
+        const int block = tile * kTileBlocks + lane;
+        return kBlockSize > 0 && lane < kTileBlocks && block < p.max_blocks_per_seq ? block_table[block] : 0;
+      };
+      // The block ids of the next tile to load, read a tile ahead (and the first tile's before Q) so that
+      // the table's latency hides behind other copies instead of standing before each tile's.
+      int next_block_ids = w.num_tiles > 0 ? tile_block_ids(w.tile_first) : 0;
+
       // ---- Q (rows past cta_rows zero-filled) and the record, in Q buffer q_slot ----
       mbarrier_wait(q_empty(q_slot), q_phase ^ 1u);
       if (lt == 0) {
@@ -246,15 +264,22 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       if (w.num_tiles > 0) {
         const T* query = static_cast<const T*>(p.query);
         unsigned char* q_buf = smem + q_slot * Cfg::kQBytes;
+        // Row r = ld_row + pass * kRowsPerPass is (token, head) = (fr / group, fr % group), fr = row0 + r:
+        // one division per item, then steps of kRowsPerPass rows.
+        int q_token = (row0 + ld_row) / group, q_head = (row0 + ld_row) - q_token * group;
 #pragma unroll 4
         for (int pass = 0; pass < Cfg::kQPasses; ++pass) {
-          const int c = lt + 128 * pass;
-          const int r = c / Cfg::kChunks, chunk = c % Cfg::kChunks;
+          const int r = ld_row + pass * Cfg::kRowsPerPass, chunk = ld_chunk;
           const bool valid = r < w.cta_rows;
-          const int fr = row0 + r;
-          const T* src = valid ? query + int64_t(q_start + fr / group) * p.q_row_stride +
-                                     int64_t(kv_head * group + fr % group) * kHeadSize + chunk * 8
+          const T* src = valid ? query + int64_t(q_start + q_token) * p.q_row_stride +
+                                     int64_t(kv_head * group + q_head) * kHeadSize + chunk * 8
                                : query;
+          q_token += q_token_step;
+          q_head += q_head_step;
+          if (q_head >= group) {
+            q_head -= group;
+            ++q_token;
+          }
           unsigned char* dst = q_buf + sw128_offset(r, chunk, Cfg::kQHalfBytes);
           if (q_aligned) {
             cp_async_16(dst, src, valid);
@@ -279,19 +304,6 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
 
       // ---- K and V of each tile into the ring; keys outside [key_begin, key_end) zero-filled (src-size 0):
       // stale cache rows may hold NaN ----
-      const int32_t* block_table = p.block_tables + int64_t(seq) * p.max_blocks_per_seq;
-      // This thread's 16 bytes of its first row: head, chunk, and row ld_row of a block.
-      const T* src_base = kv + int64_t(kv_head) * kHeadSize + ld_chunk * 8 + (kBlockSize > 0 ? ld_row : 0) * token_stride;
-      // With a compile-time block size a tile spans kTileBlocks whole blocks: lane b of each loader warp
-      // reads block b's id once per tile and the warp's lanes take theirs by shuffle (no dependent global
-      // load per row). Table columns past the end are never read (their keys are invalid).
-      constexpr int kTileBlocks = kBlockSize > 0 ? Cfg::kTileKeys / kBlockSize : 1;
-      static_assert(Cfg::kTileKeys % (kBlockSize > 0 ? kBlockSize : 1) == 0 && kTileBlocks <= 32, "whole blocks");
-      const int lane = lt % 32;
-      auto tile_block_ids = [&](int tile) {
-        const int block = tile * kTileBlocks + lane;
-        return kBlockSize > 0 && lane < kTileBlocks && block < p.max_blocks_per_seq ? block_table[block] : 0;
-      };
       // One tile's K (or V) rows into a ring slot: pass `pass` copies row ld_row + pass * kRowsPerPass of the
       // tile. With a compile-time block size the rows of a block are token_stride apart from its first, so
       // a block costs one shuffle and one multiply; only the tiles that cut [key_begin, key_end) check keys.
@@ -336,7 +348,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       };
       for (int i = 0; i < w.num_tiles; ++i) {
         const int tile = w.tile_first + i;
-        const int block_ids = tile_block_ids(tile);
+        const int block_ids = next_block_ids;
+        if (i + 1 < w.num_tiles) next_block_ids = tile_block_ids(tile + 1);
         mbarrier_wait(k_empty(stage), phase ^ 1u);
         load_rows(tile, block_ids, k_addr + stage * Cfg::kTileBytes, 0);
         mbarrier_arrive_on_cp_async(k_full(stage));
@@ -417,17 +430,16 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     int pv_stage = 0;
     uint32_t pv_phase = 0;
 
-    // Descriptors: one base each, made again at every issue and advanced by constants (wgmma_desc_advance),
-    // so that no k-step's descriptor stays in registers across the loop (the softmax needs them).
+    // Descriptors: one run each (WgmmaDescRun), made at every issue, so that no k-step's descriptor holds
+    // registers across the loop (the softmax needs them).
     auto issue_qk = [&](int st) {
-      const uint64_t q_desc = recompute_here(wgmma_desc_sw128(q_wg_addr, 16, 1024));
-      const uint64_t k_desc = recompute_here(wgmma_desc_sw128(k_addr + st * Cfg::kTileBytes, 16, 1024));
+      const WgmmaDescRun q_run(q_wg_addr, 16, 1024), k_run(k_addr + st * Cfg::kTileBytes, 16, 1024);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
         const uint32_t in_row = uint32_t(ks & 3) * 32u;  // bytes into the 128-byte rows: columns 16 (ks % 4) ..
-        const uint64_t da = wgmma_desc_advance(q_desc, (ks >> 2) * Cfg::kQHalfBytes + in_row);
-        const uint64_t db = wgmma_desc_advance(k_desc, (ks >> 2) * Cfg::kTileHalfBytes + in_row);
+        const uint64_t da = q_run.at((ks >> 2) * Cfg::kQHalfBytes + in_row);
+        const uint64_t db = k_run.at((ks >> 2) * Cfg::kTileHalfBytes + in_row);
         if (ks == 0) Wgmma<T, Cfg::kTileKeys>::ss_first(s, da, db);
         else Wgmma<T, Cfg::kTileKeys>::ss(s, da, db, true);
       }
@@ -435,14 +447,13 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     };
     // V MN-major: 8-key atoms 1 KB apart (stride byte offset), 64-dim halves a tile-half apart (leading).
     auto issue_pv = [&](int st) {
-      const uint64_t v_desc =
-          recompute_here(wgmma_desc_sw128(v_addr + st * Cfg::kTileBytes, Cfg::kTileHalfBytes, 1024));
+      const WgmmaDescRun v_run(v_addr + st * Cfg::kTileBytes, Cfg::kTileHalfBytes, 1024);
 #pragma unroll
       for (int i = 0; i < kORegs; ++i) wgmma_fence_operand(o[i]);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
-        const uint64_t dv = wgmma_desc_advance(v_desc, kk * 16 * Cfg::kRowBytes);
+        const uint64_t dv = v_run.at(kk * 16 * Cfg::kRowBytes);
         Wgmma<T, kHeadSize>::rs_tn(o, pa[kk], dv);
       }
       wgmma_commit();
