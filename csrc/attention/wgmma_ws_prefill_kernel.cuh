@@ -376,6 +376,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
   const int wg_warp = (threadIdx.x / 32) % 4;    // warp within the warpgroup: its 16 rows
   const int g = lane / 4, t = lane % 4;          // accumulator fragment coordinates
   const int wg_row0 = wg * 64;
+  constexpr float kRescaleSlackLog2 = 8.f;
+  const float rescale_slack = kRescaleSlackLog2 / p.scale_log2;  // in raw score units
   auto release = [&](uint32_t bar) {
     if (lane == 0) mbarrier_arrive(bar);
   };
@@ -422,7 +424,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     float o[kORegs];
 #pragma unroll
     for (int i = 0; i < kORegs; ++i) o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY};  // running max (raw scores) of rows g and g + 8
+    float row_max[2] = {-INFINITY, -INFINITY};  // running reference (raw scores; <= the max, see softmax)
     float row_sum[2] = {0.f, 0.f};              // this thread's share of the running sums
     float s[kSRegs];                            // S, then P, of the current tile (accumulator layout)
     uint32_t pa[kPSteps][4];                    // P as A fragments, one per k-step of P·V
@@ -500,7 +502,10 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         float tile_max = fmaxf(fmaxf(chain_max[0], chain_max[1]), fmaxf(chain_max[2], chain_max[3]));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        const float new_max = fmaxf(row_max[h], tile_max);
+        // The reference moves only when the tile's maximum passes it by more than rescale_slack
+        // (FlashAttention-4's lazy rescale): P stays <= 2^kRescaleSlackLog2, which bf16, fp16 and the fp32
+        // sums hold with room, and O's rescale (a multiply of the whole accumulator) is skipped.
+        const float new_max = tile_max > row_max[h] + rescale_slack ? tile_max : row_max[h];
         // A row with no visible key yet keeps max -inf; subtracting 0 then keeps every exp2 at 0, not NaN.
         const float ref = new_max == -INFINITY ? 0.f : new_max * p.scale_log2;
         rescale[h] = row_max[h] == new_max ? 1.f : fast_exp2(row_max[h] * p.scale_log2 - ref);
@@ -516,19 +521,20 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         row_sum[h] = row_sum[h] * rescale[h] + sum;
       }
     };
-    // O *= rescale (skipped by a warp vote once the maxima settle), then P -> pa: accumulator n-blocks 2kk
-    // (keys 16kk + 0..7) and 2kk + 1 (+8..15) are the A-fragment layout with those keys as K.
-    auto rescale_and_pack = [&](const float (&rescale)[2]) {
+    // Does any row of this warp move its reference (O to rescale)? With the lazy rescale, rarely.
+    auto any_rescale = [&](const float (&rescale)[2]) {
+      return __any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f);
+    };
+    auto rescale_o = [&](const float (&rescale)[2]) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (__any_sync(0xffffffffu, rescale[h] != 1.f)) {
+      for (int j = 0; j < kORegs / 4; ++j) {
 #pragma unroll
-          for (int j = 0; j < kORegs / 4; ++j) {
-            o[4 * j + 2 * h] *= rescale[h];
-            o[4 * j + 2 * h + 1] *= rescale[h];
-          }
-        }
+        for (int e = 0; e < 4; ++e) o[4 * j + e] *= rescale[e / 2];
       }
+    };
+    // P -> pa: accumulator n-blocks 2kk (keys 16kk + 0..7) and 2kk + 1 (+8..15) are the A-fragment layout
+    // with those keys as K.
+    auto pack_p = [&]() {
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
 #pragma unroll
@@ -566,6 +572,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         wgmma_wait<0>();
         release(k_empty(stage));
         softmax(masked, key0, rescale);
+        if (any_rescale(rescale)) rescale_o(rescale);
       };
       auto qk_softmax_over_pv = [&](auto masked) {
         issue_qk(stage);
@@ -573,6 +580,14 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         wgmma_wait<1>();  // Q·K^T, committed first, has landed
         release(k_empty(stage));
         softmax(masked, key0, rescale);
+        // The vote's branch also closes the softmax's basic block, and that keeps the wait below where it
+        // is: in the same block ptxas hoists it into the softmax (the rest of which then waits for the P·V
+        // it was meant to overlap).
+        if (any_rescale(rescale)) {
+          wgmma_wait<0>();
+          pv_done();
+          rescale_o(rescale);
+        }
         wgmma_wait<0>();
       };
       if (visible && p_pending) {
@@ -582,13 +597,13 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         else qk_softmax_over_pv(std::false_type{});
         pv_done();
         release(v_empty(pv_stage));
-        rescale_and_pack(rescale);
+        pack_p();
         pv_stage = stage;
         pv_phase = phase;
       } else if (visible) {
         if (needs_mask) qk_softmax(std::true_type{});
         else qk_softmax(std::false_type{});
-        rescale_and_pack(rescale);
+        pack_p();
         p_pending = true;
         pv_stage = stage;
         pv_phase = phase;
