@@ -34,17 +34,17 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr, uint32_
 }
 
 // A run of operands of one layout, as its descriptor's two words: the low word (start address and leading
-// byte offset) moves from operand to operand, the high word (stride, swizzle) is a compile-time constant,
-// so a descriptor costs one 32-bit add and one move to a uniform register. The low word is made again
-// where the run is built (an empty asm the compiler cannot look through), not hoisted out of the caller's
-// loop to hold a register per descriptor across it.
+// byte offset) moves from operand to operand, the high word (stride, swizzle) is a compile-time constant.
+// Built by a whole warpgroup from a warp-uniform address: the low word is broadcast from lane 0 by a
+// shuffle, which ptxas knows to be uniform, so the run lives in uniform registers and each descriptor is
+// one uniform add (from a per-thread value, every descriptor costs two R2UR moves, with their latency in
+// front of its wgmma). Made where it is used, so it is not hoisted out of the caller's loop either.
 struct WgmmaDescRun {
   uint32_t lo, hi;
   __device__ __forceinline__ WgmmaDescRun(uint32_t smem_addr, uint32_t leading_bytes, uint32_t stride_bytes) {
     const uint64_t d = wgmma_desc_sw128(smem_addr, leading_bytes, stride_bytes);
-    lo = uint32_t(d);
+    lo = __shfl_sync(0xffffffffu, uint32_t(d), 0);
     hi = uint32_t(d >> 32);
-    lo = __shfl_sync(0xffffffffu, lo, 0);
   }
   // The operand `bytes` further on: only the start address field moves; a shared-memory address fits it,
   // so the add never carries out of the field.

@@ -7,8 +7,10 @@
 //     ...) longest first (every sequence's last row tile, then the ones before), so one item's loads
 //     overlap the previous item's last tiles and its output writes, and the short items fill the tail;
 //   * warpgroup 0 only loads (its 128 threads gather Q and the K/V rows of each 128-key tile from the
-//     paged cache by cp.async; TMA cannot gather rows of a block table), warpgroups 1 and 2 only compute,
-//     64 rows each; they meet at mbarriers, never at a CTA barrier:
+//     paged cache by cp.async; TMA cannot gather rows of a block table; a tile's block ids are read a tile
+//     ahead, and its rows are addressed per block, a few instructions a copy: the loader shares each
+//     scheduler with two consumer warps), warpgroups 1 and 2 only compute, 64 rows each; they meet at
+//     mbarriers, never at a CTA barrier:
 //       q_full / q_empty [2]     a Q buffer (and its item's record) loaded / released by both consumers
 //       k_full / k_empty [S]     a K slot loaded / read by both consumers' Q·K^T
 //       v_full / v_empty [S]     a V slot loaded / read by both consumers' P·V
@@ -16,7 +18,9 @@
 //     its copies land); each consumer warp arrives on "empty" once it is done with the slot (8 arrivals).
 //   * tiles of 128 keys: S = Q·K^T on wgmma m64n128k16 (head/16 k-steps), O += P·V on m64n{head}k16 (8
 //     k-steps, P from registers, V MN-major), the previous tile's P·V issued behind this tile's Q·K^T so it
-//     runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap);
+//     runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap; see qk_softmax_over_pv
+//     for what keeps ptxas from undoing it); O is rescaled only when a row's reference maximum moves,
+//     and it moves only by more than 2^8 (FlashAttention-4's lazy rescale);
 //   * the register file is split by setmaxnreg: the loader keeps few, the consumers hold S, P and O
 //     (64 + 32 + head/2 floats a thread).
 //
