@@ -569,8 +569,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       fence_proxy_async_shared();
       float rescale[2];
       // Q·K^T, then the softmax; with a P waiting, its P·V issued behind the Q·K^T runs during the softmax
-      // (FlashAttention-3's intra-warpgroup overlap). Straight-line code from the first issue to the last
-      // wait: ptxas makes a branch that joins with a wgmma in flight wait for it.
+      // (FlashAttention-3's intra-warpgroup overlap). ptxas makes a branch that joins with a wgmma in flight
+      // wait for it at the join, so the only branch between issue and wait is the one placed for that.
       auto qk_softmax = [&](auto masked) {
         issue_qk(stage);
         wgmma_wait<0>();
@@ -584,9 +584,9 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         wgmma_wait<1>();  // Q·K^T, committed first, has landed
         release(k_empty(stage));
         softmax(masked, key0, rescale);
-        // The vote's branch also closes the softmax's basic block, and that keeps the wait below where it
-        // is: in the same block ptxas hoists it into the softmax (the rest of which then waits for the P·V
-        // it was meant to overlap).
+        // The rescale vote's branch closes the softmax's basic block and joins where the P·V wait belongs.
+        // Without it ptxas hoists the wait into the softmax's block, ~40 instructions after the Q·K^T wait,
+        // and the exponentials wait for the P·V they were meant to overlap.
         if (any_rescale(rescale)) {
           wgmma_wait<0>();
           pv_done();
