@@ -28,7 +28,6 @@ Prints a table and writes $OUT/bench_prefill_attention.json. Run: python bench/b
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections import defaultdict
@@ -291,9 +290,9 @@ def main() -> None:
           f"head 128, block 16; ours: PAGEDINFER_PREFILL_KERNEL={OURS_KERNEL}; mma.sync kernel with {warp_rows} "
           f"rows a warp)")
     print_table([{k: fmt(v) for k, v in r.items()} for r in rows],
-                ["shape", "gflop", "ours_us", "ours_tflops", "ours_mma_us", "sdpa_default_us",
-                 "sdpa_default_tflops", "sdpa_flash_us", "sdpa_flash_tflops", "sdpa_default_mask_us", "per_token_us",
-                 "best_baseline", "ours_vs_best", "mma_vs_best"])
+                ["shape", "gflop", "ours_us", "ours_tflops"] + [f"ours_{k}_us" for k in OTHER_KERNELS] +
+                ["sdpa_default_us", "sdpa_default_tflops", "sdpa_flash_us", "sdpa_flash_tflops", "sdpa_default_mask_us",
+                 "per_token_us", "best_baseline", "ours_vs_best"] + [f"{k}_vs_best" for k in OTHER_KERNELS])
     for r in rows:
         notes = {k: v for k, v in r.items() if k.endswith("_note") or (isinstance(v, str) and v.startswith("n/a"))}
         errs = {k: f"{v:.2e}" for k, v in r.items() if k.endswith("_max_abs_err")}

@@ -40,7 +40,7 @@ def run(inputs, scale: float, window: int, kernel: str) -> torch.Tensor:
     return out
 
 
-def diagnose(err: torch.Tensor, group_rows: int) -> str:
+def diagnose(err: torch.Tensor) -> str:
     # err: [tokens, heads, dims] abs error. Chunks of 8 dims, and rows (token-major (token, head) pairs).
     chunk_err = err.amax(dim=(0, 1)).view(-1, 8).amax(dim=1)
     bad_chunks = [i for i, e in enumerate(chunk_err.tolist()) if e > 0.05]
@@ -70,7 +70,7 @@ def main() -> int:
                 wrong |= not ok
                 line = f"{name:40s} {label:8s} {kernel:13s} max err {worst:.3g} {'ok' if ok else 'WRONG'}"
                 if not ok:
-                    line += "  " + diagnose(err, heads // kv_heads)
+                    line += "  " + diagnose(err)
                 print(line)
     os.environ.pop("PAGEDINFER_PREFILL_KERNEL", None)
     return 1 if wrong else 0

@@ -143,8 +143,7 @@ __device__ __forceinline__ void warpgroup_claim_registers() {
 }
 
 // ---- the MMAs: m64nNk16 with fp32 accumulators, N = 64 or 128 ----------------------------------------------
-// Wgmma<T, N>::ss        d (+)= A[64 x 16] * B[16 x N], A and B in shared memory, both K-major
-//                        (accumulate false: d = A * B, its previous contents neither read nor kept)
+// Wgmma<T, N>::ss        d += A[64 x 16] * B[16 x N], A and B in shared memory, both K-major
 // Wgmma<T, N>::ss_first  d = A * B (d written only: the compiler need not keep or initialize it)
 // Wgmma<T, N>::rs_tn     d += A * B, A from registers (the m16n8k16 A fragment of the thread's warp's 16
 //                        rows: a[0] (row g, k 2t..2t+1), a[1] (row g+8, ..), a[2] (row g, k 2t+8..),
@@ -178,36 +177,30 @@ struct Wgmma;
 #define PI_WGMMA_RS_TN(...)
 #endif
 
-#define PI_DEFINE_WGMMA(T, PTX)                                                                            \
-  template <>                                                                                              \
-  struct Wgmma<T, 64> {                                                                                    \
-    static __device__ __forceinline__ void ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool acc) { \
-      PI_WGMMA_SS("m64n64k16", PTX, PI_REGS_32, PI_ACC_32, "+f", "32", "33", "34", acc ? 1 : 0);           \
-    }                                                                                                      \
-    static __device__ __forceinline__ void ss_first(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {    \
-      PI_WGMMA_SS("m64n64k16", PTX, PI_REGS_32, PI_ACC_32, "=f", "32", "33", "34", 0);                     \
-    }                                                                                                      \
-    static __device__ __forceinline__ void rs_tn(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) { \
-      PI_WGMMA_RS_TN("m64n64k16", PTX, PI_REGS_32, PI_ACC_32, "32", "33", "34", "35", "36", "37");         \
-    }                                                                                                      \
-  };                                                                                                       \
-  template <>                                                                                              \
-  struct Wgmma<T, 128> {                                                                                   \
-    static __device__ __forceinline__ void ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool acc) { \
-      PI_WGMMA_SS("m64n128k16", PTX, PI_REGS_64, PI_ACC_64, "+f", "64", "65", "66", acc ? 1 : 0);          \
-    }                                                                                                      \
-    static __device__ __forceinline__ void ss_first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {    \
-      PI_WGMMA_SS("m64n128k16", PTX, PI_REGS_64, PI_ACC_64, "=f", "64", "65", "66", 0);                    \
-    }                                                                                                      \
-    static __device__ __forceinline__ void rs_tn(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) { \
-      PI_WGMMA_RS_TN("m64n128k16", PTX, PI_REGS_64, PI_ACC_64, "64", "65", "66", "67", "68", "69");        \
-    }                                                                                                      \
+// One shape's specialization: N its width, REGS / ACC its N / 2 accumulators, D0 .. D5 the operand numbers
+// that follow them ("32" .. "37" for N = 64).
+#define PI_DEFINE_WGMMA_SHAPE(T, PTX, N, SHAPE, REGS, ACC, D0, D1, D2, D3, D4, D5)                             \
+  template <>                                                                                                \
+  struct Wgmma<T, N> {                                                                                       \
+    static __device__ __forceinline__ void ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {          \
+      PI_WGMMA_SS(SHAPE, PTX, REGS, ACC, "+f", D0, D1, D2, 1);                                               \
+    }                                                                                                        \
+    static __device__ __forceinline__ void ss_first(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {    \
+      PI_WGMMA_SS(SHAPE, PTX, REGS, ACC, "=f", D0, D1, D2, 0);                                               \
+    }                                                                                                        \
+    static __device__ __forceinline__ void rs_tn(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) { \
+      PI_WGMMA_RS_TN(SHAPE, PTX, REGS, ACC, D0, D1, D2, D3, D4, D5);                                         \
+    }                                                                                                        \
   };
+#define PI_DEFINE_WGMMA(T, PTX)                                                                              \
+  PI_DEFINE_WGMMA_SHAPE(T, PTX, 64, "m64n64k16", PI_REGS_32, PI_ACC_32, "32", "33", "34", "35", "36", "37")   \
+  PI_DEFINE_WGMMA_SHAPE(T, PTX, 128, "m64n128k16", PI_REGS_64, PI_ACC_64, "64", "65", "66", "67", "68", "69")
 
 PI_DEFINE_WGMMA(__nv_bfloat16, "bf16")
 PI_DEFINE_WGMMA(__half, "f16")
 
 #undef PI_DEFINE_WGMMA
+#undef PI_DEFINE_WGMMA_SHAPE
 #undef PI_WGMMA_SS
 #undef PI_WGMMA_RS_TN
 #undef PI_ACC_64

@@ -447,7 +447,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         const uint64_t da = q_run.at((ks >> 2) * Cfg::kQHalfBytes + in_row);
         const uint64_t db = k_run.at((ks >> 2) * Cfg::kTileHalfBytes + in_row);
         if (ks == 0) Wgmma<T, Cfg::kTileKeys>::ss_first(s, da, db);
-        else Wgmma<T, Cfg::kTileKeys>::ss(s, da, db, true);
+        else Wgmma<T, Cfg::kTileKeys>::ss(s, da, db);
       }
       wgmma_commit();
     };

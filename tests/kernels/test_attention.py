@@ -31,12 +31,17 @@ def run_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
     return out
 
 
-def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
-                    workspace: torch.Tensor | None = None) -> None:
-    out = run_attention(inputs, scale, sliding_window, workspace)
+def assert_matches_ref(out: torch.Tensor, inputs: PagedInputs, scale: float, sliding_window: int = -1,
+                       name: str = "paged_attention") -> None:
+    """`out` against the reference on the metadata `inputs` holds now, in the inputs' dtype."""
     assert_close_to_ref(out, lambda dtype: ref_paged_attention(
         inputs.query, inputs.kv_cache, *inputs.metadata, scale, sliding_window, dtype=dtype),
-        inputs.query.dtype, name="paged_attention")
+        inputs.query.dtype, name=name)
+
+
+def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
+                    workspace: torch.Tensor | None = None) -> None:
+    assert_matches_ref(run_attention(inputs, scale, sliding_window, workspace), inputs, scale, sliding_window)
 
 
 # On an sm_90 GPU (with sm_90a code) prompt chunks run wgmma_ws_prefill_kernel.cuh (warp-specialized);
@@ -185,13 +190,11 @@ def test_unaligned_out(device):
     scale = softmax_scale(64)
     _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, inputs.max_query_len,
                          scale, -1, None)
-    assert_close_to_ref(out, lambda dtype: ref_paged_attention(
-        inputs.query, inputs.kv_cache, *inputs.metadata, scale, -1, dtype=dtype),
-        inputs.query.dtype, name="paged_attention")
+    assert_matches_ref(out, inputs, scale)
 
 
 def graph_replay_check(step: Callable[[], None], out: torch.Tensor, inputs: PagedInputs, scale: float,
-                       sliding_window: int, dtype: torch.dtype) -> Callable[[], None]:
+                       sliding_window: int) -> Callable[[], None]:
     """Captures `step` in a CUDA graph (warmed up outside the capture) and returns a check that replays it
     into a NaN-filled `out` and compares with the reference on whatever metadata `inputs` holds then."""
     _ops.set_debug_checks(False)  # they copy metadata to the host: not allowed while capturing
@@ -208,9 +211,7 @@ def graph_replay_check(step: Callable[[], None], out: torch.Tensor, inputs: Page
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert_close_to_ref(out, lambda d: ref_paged_attention(
-            inputs.query, inputs.kv_cache, *inputs.metadata, scale, sliding_window, dtype=d),
-            dtype, name="graph replay")
+        assert_matches_ref(out, inputs, scale, sliding_window, name="graph replay")
     return check
 
 
@@ -261,7 +262,7 @@ def test_cuda_graph_decode_with_growing_contexts(dtype, sliding_window):
         _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, 1, scale,
                              sliding_window, workspace)
 
-    check = graph_replay_check(step, out, inputs, scale, sliding_window, dtype)
+    check = graph_replay_check(step, out, inputs, scale, sliding_window)
     check()
     for name in ("query", "query_start_loc", "seq_lens", "block_tables"):
         getattr(inputs, name).copy_(getattr(grown, name))
@@ -332,9 +333,7 @@ def test_mixed_step_runs_its_decodes_on_the_decode_kernel(prefill_kernel):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = run_attention(inputs, scale, -1, None)
             torch.cuda.synchronize()
-        assert_close_to_ref(out, lambda dtype: ref_paged_attention(
-            inputs.query, inputs.kv_cache, *inputs.metadata, scale, -1, dtype=dtype),
-            inputs.query.dtype, name="paged_attention")
+        assert_matches_ref(out, inputs, scale)
         return [e.key for e in prof.key_averages() if "attention" in e.key]
 
     mixed = launched([(0, 200), (3000, 1), (PAD, 1), (30, 1), (5, 17)])
@@ -366,7 +365,7 @@ def test_cuda_graph_prefill_with_changing_lengths(prefill_kernel, sliding_window
         _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, 300, scale,
                              sliding_window, None)
 
-    check = graph_replay_check(step, out, inputs, scale, sliding_window, torch.bfloat16)
+    check = graph_replay_check(step, out, inputs, scale, sliding_window)
     check()
     assert (out[307] == 0).all()  # the padded row
     for name in ("query", "query_start_loc", "seq_lens", "block_tables"):
