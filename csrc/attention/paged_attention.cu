@@ -423,13 +423,10 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
     else launch_prefill<__nv_bfloat16>(p, max_query_len, device, stream);
     if (!decode_launch) return;
     p.decodes_elsewhere = false;
-    p.one_row_per_seq = true;  // the decodes of the step, on the decode kernel
+    p.one_row_per_seq = true;  // the decodes of the step, on the decode kernel below
     p.num_splits = int(num_splits);
-    if (dtype == at::kHalf) launch_attention<__half>(p, true, s.num_seqs, device, stream);
-    else launch_attention<__nv_bfloat16>(p, true, s.num_seqs, device, stream);
-    return;
   }
-  const int64_t items = decode ? s.num_seqs : s.num_tokens;
+  const int64_t items = p.one_row_per_seq ? s.num_seqs : s.num_tokens;
   switch (dtype) {
     case at::kHalf: launch_attention<__half>(p, tensor_cores, items, device, stream); break;
     case at::kBFloat16: launch_attention<__nv_bfloat16>(p, tensor_cores, items, device, stream); break;
