@@ -173,10 +173,11 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     };
     auto loader_sync = [] { asm volatile("bar.sync 1, 128;\n" ::: "memory"); };
     // The items that exist, longest first: row tile r of each sequence that has it, for r from the last
-    // (those see the most keys) down to 0; within a level the sequences in order of row tiles, kv heads
-    // fastest. Listed once by a counting sort (sequences by row tiles, descending); dense, so that the
-    // round-robin walk below gives every CTA its share of the real work. Otherwise (more sequences or
-    // row tiles than listed) every (level, sequence, kv head) is walked and the absent ones skipped.
+    // (those see the most keys) down to 0; within a level the sequences in order of row tiles (ties in
+    // sequence order), kv heads fastest. Listed once by a counting sort (sequences by row tiles, descending);
+    // dense, so that the round-robin walk below gives every CTA its share of the real work. Otherwise (more
+    // sequences or row tiles than listed) every (level, sequence, kv head) is walked and the absent ones
+    // skipped.
     const bool listed = p.num_seqs <= Cfg::kMaxListedSeqs && row_tiles <= Cfg::kMaxListedRowTiles;
     if (listed) {
       for (int r = lt; r <= row_tiles; r += 128) sort_cursor[r] = 0;
@@ -193,9 +194,31 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         }
       }
       loader_sync();
-      for (int seq = lt; seq < p.num_seqs; seq += 128) {
-        const int tiles = row_tiles_of(seq);
-        if (tiles > 0) sorted_seqs[atomicAdd(&sort_cursor[tiles], 1)] = seq;
+      // Placed in sequence order within each count (a stable sort), by one warp: every CTA walks its own
+      // copy of the list, so every copy must be the same. (Placed by atomics, the order followed warp
+      // timing: under another kernel's load CTAs disagreed, and whole items ran twice or never.)
+      if (lt < 32) {
+        constexpr int kBatch = 8;  // 8 x 32 sequences' lengths loaded at once: one memory latency
+        for (int base = 0; base < p.num_seqs; base += 32 * kBatch) {
+          int tiles[kBatch];
+#pragma unroll
+          for (int u = 0; u < kBatch; ++u) {
+            const int seq = base + 32 * u + lt;
+            tiles[u] = seq < p.num_seqs ? row_tiles_of(seq) : 0;
+          }
+#pragma unroll
+          for (int u = 0; u < kBatch; ++u) {
+            const unsigned same = __match_any_sync(0xffffffffu, tiles[u]);  // the lanes with this count
+            const int rank = __popc(same & ((1u << lt) - 1u));
+            const int start = sort_cursor[tiles[u]];
+            __syncwarp();
+            if (tiles[u] > 0) {
+              sorted_seqs[start + rank] = base + 32 * u + lt;
+              if (rank == 0) sort_cursor[tiles[u]] = start + __popc(same);
+            }
+            __syncwarp();
+          }
+        }
       }
       loader_sync();
     }
