@@ -1,7 +1,8 @@
 // Thin wrappers over the warpgroup MMA instructions of sm_90a (wgmma.mma_async and its fences), the
 // shared-memory matrix descriptor they read operands through, and the proxy fence that orders ordinary
 // (generic-proxy) shared-memory writes, cp.async included, before wgmma's (async-proxy) reads.
-// Also the mbarrier and register-reallocation primitives of the warp-specialized kernel. No torch headers.
+// Also the mbarrier, register-reallocation and stmatrix primitives of the warp-specialized kernel. No torch
+// headers.
 //
 // PAGEDINFER_WGMMA is 1 only in a device pass that targets sm_90a (or compute_90a PTX): wgmma exists
 // nowhere else. Elsewhere the wrappers compile to nothing and the kernel that uses them traps; the
@@ -214,6 +215,17 @@ PI_DEFINE_WGMMA(__half, "f16")
 // of `half_bytes` per half: the 128-byte-swizzle canonical layout.
 __device__ __forceinline__ uint32_t sw128_offset(int row, int chunk, int half_bytes) {
   return uint32_t((chunk >> 3) * half_bytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
+}
+
+// Four 8x8 matrices of 16-bit elements into shared memory (stmatrix, sm_90; ldmatrix's inverse): lane l
+// gives the address of row l % 8 of matrix l / 8 and holds, of each matrix, row l / 4, columns 2 (l % 4)
+// and + 1, the layout of an accumulator's 8-column block.
+__device__ __forceinline__ void stmatrix_x4(uint32_t smem_row_addr, const uint32_t (&r)[4]) {
+#if PAGEDINFER_WGMMA
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_row_addr), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#endif
 }
 
 // Tells the host whether the device code it would run was built with wgmma (sm_90a / compute_90a) or

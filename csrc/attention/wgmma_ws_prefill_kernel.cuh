@@ -89,10 +89,13 @@ struct WsPrefillConfig {
   static constexpr int kQBytes = kHalves * kQHalfBytes;
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
   static constexpr int kRingBytes = kQStages * kQBytes + 2 * kStages * kTileBytes;
+  // Each consumer warp stages 64 columns of its 16 output rows here on their way to global memory.
+  static constexpr int kStagingWarpBytes = 16 * kRowBytes;
+  static constexpr int kStagingBytes = kConsumerWarps * kStagingWarpBytes;  // 16 KB
   // + 1 KB: the dynamic shared memory base is aligned up to the 1 KB the swizzle atoms need.
   static constexpr int kRecordBytes = kQStages * int(sizeof(PrefillWork));
-  static constexpr int kSmemBytes =
-      kRingBytes + kBarriers * 8 + kRecordBytes + kListBytes + 1024;  // 209 KB (head 128), 177 KB (64)
+  static constexpr int kSmemBytes = kRingBytes + kStagingBytes + kBarriers * 8 + kRecordBytes + kListBytes +
+                                    1024;  // 225 KB (head 128), 193 KB (64)
   static constexpr int kProducerRegs = 56;   // 128 x 56 + 256 x 224 <= 64 K registers
   static constexpr int kConsumerRegs = 224;
   static constexpr int kQPasses = kRows * kChunks / 128;       // 16-byte copies per loader thread
@@ -119,15 +122,17 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
   const uint32_t q_addr = smem_address(smem);                         // [kQStages][half][128 rows][64]
   const uint32_t k_addr = q_addr + Cfg::kQStages * Cfg::kQBytes;      // [kStages][half][128 keys][64]
   const uint32_t v_addr = k_addr + Cfg::kStages * Cfg::kTileBytes;    // [kStages][half][128 keys][64]
-  const uint32_t bar_addr = v_addr + Cfg::kStages * Cfg::kTileBytes;  // the mbarriers, 8 bytes each
+  const uint32_t staging_addr = v_addr + Cfg::kStages * Cfg::kTileBytes;  // [consumer warp][16 rows][64]
+  const uint32_t bar_addr = staging_addr + Cfg::kStagingBytes;            // the mbarriers, 8 bytes each
   auto q_full = [&](int s) { return bar_addr + 8u * s; };
   auto q_empty = [&](int s) { return bar_addr + 8u * (Cfg::kQStages + s); };
   auto k_full = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + s); };
   auto k_empty = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + Cfg::kStages + s); };
   auto v_full = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + 2 * Cfg::kStages + s); };
   auto v_empty = [&](int s) { return bar_addr + 8u * (2 * Cfg::kQStages + 3 * Cfg::kStages + s); };
-  PrefillWork* records = reinterpret_cast<PrefillWork*>(smem + Cfg::kRingBytes + Cfg::kBarriers * 8);
-  int* sorted_seqs = reinterpret_cast<int*>(smem + Cfg::kRingBytes + Cfg::kBarriers * 8 + Cfg::kRecordBytes);
+  unsigned char* const after_barriers = smem + Cfg::kRingBytes + Cfg::kStagingBytes + Cfg::kBarriers * 8;
+  PrefillWork* records = reinterpret_cast<PrefillWork*>(after_barriers);
+  int* sorted_seqs = reinterpret_cast<int*>(after_barriers + Cfg::kRecordBytes);
   int* seqs_above = sorted_seqs + Cfg::kMaxListedSeqs;       // [r]: sequences with more than r row tiles
   int* sort_cursor = seqs_above + Cfg::kMaxListedRowTiles + 1;  // counting sort by row tiles
 
@@ -403,6 +408,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
   const int wg_warp = (threadIdx.x / 32) % 4;    // warp within the warpgroup: its 16 rows
   const int g = lane / 4, t = lane % 4;          // accumulator fragment coordinates
   const int wg_row0 = wg * 64;
+  // Four rows on, as (tokens, heads): the epilogue steps its rows without a division.
+  const int four_rows_tokens = 4 / group, four_rows_heads = 4 % group;
   constexpr float kRescaleSlackLog2 = 8.f;
   const float rescale_slack = kRescaleSlackLog2 / p.scale_log2;  // in raw score units
   auto release = [&](uint32_t bar) {
@@ -645,21 +652,60 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     release(q_empty(this_q_slot));  // every Q·K^T of the item has landed
     if (p_pending) flush_pending_pv();
 
-    // ---- normalize and write this thread's rows ----
+    // ---- normalize and write this warp's 16 rows, 64 columns at a time, through its staging rows in
+    // shared memory: the accumulator gives a thread 4-byte pieces of 8 rows (stored as they are, each store
+    // half-fills 8 sectors), the staged rows leave as whole 16-byte chunks, 4 rows a store ----
     if (!wg_active) continue;
+    float inv[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float sum = row_sum[h];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int r = wg_row0 + 16 * wg_warp + g + 8 * h;
-      if (r >= w.cta_rows) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      T* out = static_cast<T*>(p.out) + out_offset(r) + 2 * t;
+      inv[h] = sum > 0.f ? __frcp_rn(sum) : 0.f;
+    }
+    // Copy-out: lane l takes chunk l % 8 of the warp's rows l / 8 + 4 k.
+    const int warp_row0 = wg_row0 + 16 * wg_warp;
+    T* out_row[4];
+    bool row_ok[4];
+    {
+      const int fr = w.row0 + warp_row0 + lane / 8;
+      int token = fr / group, head = fr - token * group;
 #pragma unroll
-      for (int j = 0; j < kORegs / 4; ++j) {
-        *reinterpret_cast<uint32_t*>(out + 8 * j) = pack_pair<T>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      for (int k = 0; k < 4; ++k) {
+        row_ok[k] = warp_row0 + lane / 8 + 4 * k < w.cta_rows;
+        out_row[k] = static_cast<T*>(p.out) +
+                     (int64_t(w.q_start + token) * p.num_heads + w.kv_head * group + head) * kHeadSize + 8 * (lane % 8);
+        token += four_rows_tokens;
+        head += four_rows_heads;
+        if (head >= group) {
+          head -= group;
+          ++token;
+        }
       }
+    }
+    const uint32_t staging = staging_addr + (wg * 4 + wg_warp) * Cfg::kStagingWarpBytes;
+    unsigned char* const staging_ptr = smem + (staging - q_addr);
+#pragma unroll
+    for (int half = 0; half < Cfg::kHalves; ++half) {
+      // stmatrix x4 of n-blocks j, j + 1: matrices (rows 0-7, j), (rows 8-15, j), (rows 0-7, j + 1),
+      // (rows 8-15, j + 1); lane l addresses row l % 16 of n-block j + l / 16.
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int j = 8 * half + 2 * jj;
+        const uint32_t frag[4] = {pack_pair<T>(o[4 * j] * inv[0], o[4 * j + 1] * inv[0]),
+                                  pack_pair<T>(o[4 * j + 2] * inv[1], o[4 * j + 3] * inv[1]),
+                                  pack_pair<T>(o[4 * j + 4] * inv[0], o[4 * j + 5] * inv[0]),
+                                  pack_pair<T>(o[4 * j + 6] * inv[1], o[4 * j + 7] * inv[1])};
+        stmatrix_x4(staging + sw128_offset(lane % 16, 2 * jj + lane / 16, 0), frag);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint4 v = *reinterpret_cast<const uint4*>(staging_ptr + sw128_offset(lane / 8 + 4 * k, lane % 8, 0));
+        if (row_ok[k]) *reinterpret_cast<uint4*>(out_row[k] + 64 * half) = v;
+      }
+      __syncwarp();
     }
   }
 #else
