@@ -526,12 +526,12 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       constexpr int kChains = 4;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        // Each chain starts from its first pair (fmaxf(-inf, x) and 0 + x are not folded away).
         float chain_max[kChains];
 #pragma unroll
-        for (int c = 0; c < kChains; ++c) chain_max[c] = -INFINITY;
-#pragma unroll
         for (int j = 0; j < kSRegs / 4; ++j) {
-          chain_max[j % kChains] = fmaxf(chain_max[j % kChains], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+          const float pair_max = fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]);
+          chain_max[j % kChains] = j < kChains ? pair_max : fmaxf(chain_max[j % kChains], pair_max);
         }
         float tile_max = fmaxf(fmaxf(chain_max[0], chain_max[1]), fmaxf(chain_max[2], chain_max[3]));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
@@ -544,12 +544,13 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         const float ref = new_max == -INFINITY ? 0.f : new_max * p.scale_log2;
         rescale[h] = row_max[h] == new_max ? 1.f : fast_exp2(row_max[h] * p.scale_log2 - ref);
         row_max[h] = new_max;
-        float chain_sum[kChains] = {};
+        float chain_sum[kChains];
 #pragma unroll
         for (int j = 0; j < kSRegs / 4; ++j) {
           s[4 * j + 2 * h] = fast_exp2(fmaf(s[4 * j + 2 * h], p.scale_log2, -ref));
           s[4 * j + 2 * h + 1] = fast_exp2(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -ref));
-          chain_sum[j % kChains] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+          const float pair_sum = s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+          chain_sum[j % kChains] = j < kChains ? pair_sum : chain_sum[j % kChains] + pair_sum;
         }
         const float sum = (chain_sum[0] + chain_sum[1]) + (chain_sum[2] + chain_sum[3]);
         row_sum[h] = row_sum[h] * rescale[h] + sum;
