@@ -45,11 +45,13 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
 // nothing and writes 16 zero bytes (src-size 0), so rows past the sequence or outside the window become
 // zeros rather than stale cache contents (which may be NaN and would poison P·V even with P = 0).
 // .cg: cache in L2 only; K/V are streamed once.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem_dst)),
-               "l"(gmem_src), "r"(src_bytes)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src), "r"(src_bytes)
                : "memory");
+}
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+  cp_async_16(smem_address(smem_dst), gmem_src, valid);
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

@@ -167,7 +167,11 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     const int64_t pass_stride = token_stride * Cfg::kRowsPerPass;       // one pass's rows to the next's
     const bool q_aligned = reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && p.q_row_stride % 8 == 0;
     const int ld_row = lt / Cfg::kChunks, ld_chunk = lt % Cfg::kChunks;
-    const int q_token_step = Cfg::kRowsPerPass / group, q_head_step = Cfg::kRowsPerPass % group;
+    const int q_head_step = Cfg::kRowsPerPass % group;
+    const int64_t q_pass_step = int64_t(Cfg::kRowsPerPass / group) * p.q_row_stride + int64_t(q_head_step) * kHeadSize;
+    const int64_t q_wrap_step = p.q_row_stride - int64_t(group) * kHeadSize;
+    // Where this thread's 16 bytes of pass 0 land in a Q buffer or K/V slot (the same layout: 128 rows).
+    static_assert(Cfg::kQHalfBytes == Cfg::kTileHalfBytes, "Q and K/V tiles share one layout");
     const uint32_t ld_dst = sw128_offset(ld_row, ld_chunk, Cfg::kTileHalfBytes);
     // Row tiles of a sequence this kernel serves (0: none).
     auto row_tiles_of = [&](int seq) {
@@ -295,37 +299,39 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       }
       if (w.num_tiles > 0) {
         const T* query = static_cast<const T*>(p.query);
-        unsigned char* q_buf = smem + q_slot * Cfg::kQBytes;
         // Row r = ld_row + pass * kRowsPerPass is (token, head) = (fr / group, fr % group), fr = row0 + r:
-        // one division per item, then steps of kRowsPerPass rows.
-        int q_token = (row0 + ld_row) / group, q_head = (row0 + ld_row) - q_token * group;
+        // one division per item, then the source steps kRowsPerPass rows a pass (q_pass_step, and
+        // q_wrap_step more when the head wraps into the next token).
+        const int fr = row0 + ld_row, first_token = fr / group;
+        int q_head = fr - first_token * group;
+        const T* q_src = query + int64_t(q_start + first_token) * p.q_row_stride +
+                         int64_t(kv_head * group + q_head) * kHeadSize + ld_chunk * 8;
+        const uint32_t q_dst = q_addr + q_slot * Cfg::kQBytes + ld_dst;
+        // copy(dst, src, valid) for each of this thread's rows; the alignment test stays outside the loop.
+        auto for_each_q_row = [&](auto copy) {
 #pragma unroll 4
-        for (int pass = 0; pass < Cfg::kQPasses; ++pass) {
-          const int r = ld_row + pass * Cfg::kRowsPerPass, chunk = ld_chunk;
-          const bool valid = r < w.cta_rows;
-          const T* src = valid ? query + int64_t(q_start + q_token) * p.q_row_stride +
-                                     int64_t(kv_head * group + q_head) * kHeadSize + chunk * 8
-                               : query;
-          q_token += q_token_step;
-          q_head += q_head_step;
-          if (q_head >= group) {
-            q_head -= group;
-            ++q_token;
+          for (int pass = 0; pass < Cfg::kQPasses; ++pass) {
+            const bool valid = ld_row + pass * Cfg::kRowsPerPass < w.cta_rows;
+            copy(q_dst + pass * Cfg::kRowsPerPass * Cfg::kRowBytes, valid ? q_src : query, valid);
+            q_src += q_pass_step;
+            q_head += q_head_step;
+            if (q_head >= group) {
+              q_head -= group;
+              q_src += q_wrap_step;
+            }
           }
-          unsigned char* dst = q_buf + sw128_offset(r, chunk, Cfg::kQHalfBytes);
-          if (q_aligned) {
-            cp_async_16(dst, src, valid);
-          } else {  // a query view not 16-byte aligned: 2-byte loads, plain stores
+        };
+        if (q_aligned) {
+          for_each_q_row([](uint32_t dst, const T* src, bool valid) { cp_async_16(dst, src, valid); });
+          mbarrier_arrive_on_cp_async(q_full(q_slot));
+        } else {  // a query view not 16-byte aligned: 2-byte loads, plain stores
+          for_each_q_row([&](uint32_t dst, const T* src, bool valid) {
             const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
             uint32_t v[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) v[i] = valid ? uint32_t(s16[2 * i]) | (uint32_t(s16[2 * i + 1]) << 16) : 0u;
-            *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
-          }
-        }
-        if (q_aligned) {
-          mbarrier_arrive_on_cp_async(q_full(q_slot));
-        } else {
+            *reinterpret_cast<uint4*>(smem + (dst - q_addr)) = make_uint4(v[0], v[1], v[2], v[3]);
+          });
           fence_proxy_async_shared();  // plain stores -> wgmma's reads
           mbarrier_arrive(q_full(q_slot));
         }
@@ -344,9 +350,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         const bool whole = key0 >= w.key_begin && key0 + Cfg::kTileKeys <= w.key_end;
         const T* base = src_base + part_offset;
         auto copy = [&](int pass, const T* src, bool valid) {
-          const uint32_t dst = slot_addr + ld_dst + pass * Cfg::kRowsPerPass * Cfg::kRowBytes;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(valid ? src : base),
-                       "r"(valid ? 16 : 0));
+          cp_async_16(slot_addr + ld_dst + pass * Cfg::kRowsPerPass * Cfg::kRowBytes, valid ? src : base, valid);
         };
         if constexpr (kBlockSize > 0) {
           constexpr int kPassesPerBlock = kBlockSize / Cfg::kRowsPerPass;
@@ -354,21 +358,22 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
           auto block_src = [&](int b) {  // block ids are >= 0 and a block's elements fit 32 bits: one IMAD.WIDE
             return base + uint64_t(uint32_t(__shfl_sync(0xffffffffu, block_ids, b))) * block_elems;
           };
-          if (whole) {
+          // Edge tiles check each row's key: one unsigned compare against the visible range.
+          const uint32_t first_key = uint32_t(key0 + ld_row - w.key_begin), visible_keys = w.key_end - w.key_begin;
+          auto copy_blocks = [&](auto edge) {
 #pragma unroll
             for (int b = 0; b < kTileBlocks; ++b) {
               const T* src = block_src(b);
 #pragma unroll
-              for (int k = 0; k < kPassesPerBlock; ++k) copy(b * kPassesPerBlock + k, src + k * pass_stride, true);
+              for (int k = 0; k < kPassesPerBlock; ++k) {
+                const int pass = b * kPassesPerBlock + k;
+                const bool valid = !decltype(edge)::value || first_key + pass * Cfg::kRowsPerPass < visible_keys;
+                copy(pass, src + k * pass_stride, valid);
+              }
             }
-          } else {
-#pragma unroll 1  // a loop of its own: unrolled, the compiler predicates it into the path above
-            for (int pass = 0; pass < Cfg::kLoadPasses; ++pass) {
-              const int key = key0 + ld_row + pass * Cfg::kRowsPerPass;
-              const T* src = block_src(pass / kPassesPerBlock) + (pass % kPassesPerBlock) * pass_stride;
-              copy(pass, src, key >= w.key_begin && key < w.key_end);
-            }
-          }
+          };
+          if (whole) copy_blocks(std::false_type{});
+          else copy_blocks(std::true_type{});
         } else {
 #pragma unroll 4
           for (int pass = 0; pass < Cfg::kLoadPasses; ++pass) {
