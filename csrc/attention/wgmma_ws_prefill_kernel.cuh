@@ -19,10 +19,13 @@
 //   * tiles of 128 keys: S = Q·K^T on wgmma m64n128k16 (head/16 k-steps), O += P·V on m64n{head}k16 (8
 //     k-steps, P from registers, V MN-major), the previous tile's P·V issued behind this tile's Q·K^T so it
 //     runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap; see qk_softmax_over_pv
-//     for what keeps ptxas from undoing it); O is rescaled only when a row's reference maximum moves,
-//     and it moves only by more than 2^8 (FlashAttention-4's lazy rescale);
+//     for what keeps ptxas from undoing it), and the two consumer warpgroups issuing their MMAs in turns
+//     (FlashAttention-3's ping-pong); O is rescaled only when a row's reference maximum moves, and it
+//     moves only by more than 2^8 (FlashAttention-4's lazy rescale);
 //   * the register file is split by setmaxnreg: the loader keeps few, the consumers hold S, P and O
-//     (64 + 32 + head/2 floats a thread).
+//     (64 + 32 + head/2 floats a thread);
+//   * O leaves through 16 staging rows per consumer warp in shared memory (stmatrix, then whole 16-byte
+//     chunks a lane): the accumulator layout would store 4-byte pieces of 8 rows at a time.
 //
 // Slot reuse follows the mbarrier phases: the producer waits for the phase of "empty" that frees the slot
 // (parity flipped: a fresh barrier lets the first pass through), the consumers for the phase of "full"
@@ -421,6 +424,14 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     if (lane == 0) mbarrier_arrive(bar);
   };
 
+  // Ping-pong (FlashAttention-3's): the two consumer warpgroups take turns issuing their tile's MMAs, so
+  // that one's softmax runs while the other's MMAs hold the tensor cores. Named barrier 2 + wg is this
+  // warpgroup's turn, opened by the other's arrival; both take one turn per tile, visible or not, so the
+  // turns alternate to the end. Warpgroup 1 opens the first turn, warpgroup 0 takes the last one at exit.
+  auto wait_turn = [&] { asm volatile("bar.sync %0, 256;\n" ::"r"(2 + wg) : "memory"); };
+  auto pass_turn = [&] { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - wg) : "memory"); };
+  if (wg == 1) pass_turn();
+
   int q_slot = 0, stage = 0;
   uint32_t q_phase = 0, phase = 0;
   for (;;) {
@@ -608,15 +619,19 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       // (FlashAttention-3's intra-warpgroup overlap). ptxas makes a branch that joins with a wgmma in flight
       // wait for it at the join, so the only branch between issue and wait is the one placed for that.
       auto qk_softmax = [&](auto masked) {
+        wait_turn();
         issue_qk(stage);
+        pass_turn();
         wgmma_wait<0>();
         release(k_empty(stage));
         softmax(masked, key0, rescale);
         if (any_rescale(rescale)) rescale_o(rescale);
       };
       auto qk_softmax_over_pv = [&](auto masked) {
+        wait_turn();
         issue_qk(stage);
         issue_pv(pv_stage);
+        pass_turn();
         wgmma_wait<1>();  // Q·K^T, committed first, has landed
         release(k_empty(stage));
         softmax(masked, key0, rescale);
@@ -649,6 +664,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         pv_phase = phase;
       } else {  // hidden from this warpgroup: release both halves of the slot unread
         release(k_empty(stage));
+        wait_turn();
+        pass_turn();
         if (p_pending) flush_pending_pv();
         mbarrier_wait(v_full(stage), phase);
         release(v_empty(stage));
@@ -714,6 +731,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       __syncwarp();
     }
   }
+  if (wg == 0) wait_turn();  // warpgroup 1's last pass: no arrival left pending at exit
 #else
   __trap();  // built without sm_90a code: the launcher never routes here (wgmma_build_probe_kernel)
 #endif
