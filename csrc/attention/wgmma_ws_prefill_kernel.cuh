@@ -7,10 +7,10 @@
 //     ...) longest first (every sequence's last row tile, then the ones before), so one item's loads
 //     overlap the previous item's last tiles and its output writes, and the short items fill the tail;
 //   * warpgroup 0 only loads (its 128 threads gather Q and the K/V rows of each 128-key tile from the
-//     paged cache by cp.async; TMA cannot gather rows of a block table; a tile's block ids are read a tile
-//     ahead, and its rows are addressed per block, a few instructions a copy: the loader shares each
-//     scheduler with two consumer warps), warpgroups 1 and 2 only compute, 64 rows each; they meet at
-//     mbarriers, never at a CTA barrier:
+//     paged cache by cp.async, each tile's K a tile before its V; TMA cannot gather rows of a block table;
+//     a tile's block ids are read a tile ahead, and its rows are addressed per block, a few instructions a
+//     copy: the loader shares each scheduler with two consumer warps), warpgroups 1 and 2 only compute,
+//     64 rows each; they meet at mbarriers, never at a CTA barrier:
 //       q_full / q_empty [2]     a Q buffer (and its item's record) loaded / released by both consumers
 //       k_full / k_empty [S]     a K slot loaded / read by both consumers' Q·K^T
 //       v_full / v_empty [S]     a V slot loaded / read by both consumers' P·V
@@ -386,17 +386,31 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
           }
         }
       };
-      for (int i = 0; i < w.num_tiles; ++i) {
+      // K runs a tile ahead of V: the consumers free a K slot at its tile's Q·K^T but a V slot only after its
+      // P·V (issued behind the next tile's Q·K^T, waited for after that tile's softmax), so a loader that
+      // waited for V's slot before the next K would hold that K back by a tile.
+      int v_block_ids = 0, v_stage = 0;  // the previous tile's: its V goes in after this tile's K
+      uint32_t v_phase = 0;
+      for (int i = 0; i <= w.num_tiles; ++i) {
         const int tile = w.tile_first + i;
         const int block_ids = next_block_ids;
-        if (i + 1 < w.num_tiles) next_block_ids = tile_block_ids(tile + 1);
-        mbarrier_wait(k_empty(stage), phase ^ 1u);
-        load_rows(tile, block_ids, k_addr + stage * Cfg::kTileBytes, 0);
-        mbarrier_arrive_on_cp_async(k_full(stage));
-        mbarrier_wait(v_empty(stage), phase ^ 1u);
-        load_rows(tile, block_ids, v_addr + stage * Cfg::kTileBytes, p.v_offset);
-        mbarrier_arrive_on_cp_async(v_full(stage));
-        if (++stage == Cfg::kStages) { stage = 0; phase ^= 1u; }
+        if (i < w.num_tiles) {
+          if (i + 1 < w.num_tiles) next_block_ids = tile_block_ids(tile + 1);
+          mbarrier_wait(k_empty(stage), phase ^ 1u);
+          load_rows(tile, block_ids, k_addr + stage * Cfg::kTileBytes, 0);
+          mbarrier_arrive_on_cp_async(k_full(stage));
+        }
+        if (i > 0) {
+          mbarrier_wait(v_empty(v_stage), v_phase ^ 1u);
+          load_rows(tile - 1, v_block_ids, v_addr + v_stage * Cfg::kTileBytes, p.v_offset);
+          mbarrier_arrive_on_cp_async(v_full(v_stage));
+        }
+        if (i < w.num_tiles) {
+          v_block_ids = block_ids;
+          v_stage = stage;
+          v_phase = phase;
+          if (++stage == Cfg::kStages) { stage = 0; phase ^= 1u; }
+        }
       }
     }
     mbarrier_wait(q_empty(q_slot), q_phase ^ 1u);
