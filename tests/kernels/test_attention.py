@@ -325,8 +325,9 @@ def test_prefill_reruns_under_a_concurrent_kernel_give_the_same_bits():
     """The warp-specialized kernel's CTAs each list the items themselves and walk their share of that list,
     so the lists must agree. Placed by atomics, their order followed warp timing: with another kernel running
     on a side stream (slower loads, CTAs starting at other times) CTAs disagreed and whole items went
-    unwritten (NaN here) in ~8 % of runs on an H100. The kernel is deterministic: every rerun must give the
-    first run's bits. Many sequences of one row-tile count (one tie for the sort to break) and a few longer."""
+    unwritten (NaN here): 40 of 40 reruns of this case on an H100. The kernel is deterministic: every rerun
+    must give the first run's bits. 384 sequences of one row-tile count (a long tie for the sort to break)
+    and a few longer ones, padded rows among them."""
     specs = [(int(c), 17) for c in torch.randint(0, 300, (384,))] + [(0, 600), (40, 300), (PAD, 200)] * 4
     inputs = make_paged_inputs(specs, num_heads=32, num_kv_heads=8, head_size=128, block_size=16,
                                dtype=torch.bfloat16, device="cuda")
