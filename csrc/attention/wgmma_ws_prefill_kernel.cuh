@@ -389,6 +389,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       // K runs a tile ahead of V: the consumers free a K slot at its tile's Q·K^T but a V slot only after its
       // P·V (issued behind the next tile's Q·K^T, waited for after that tile's softmax), so a loader that
       // waited for V's slot before the next K would hold that K back by a tile.
+      // One pass more than there are tiles: the last V goes in on it, so each load keeps one call site (each
+      // is unrolled per block; a V after the loop would be a third copy of that code).
       int v_block_ids = 0, v_stage = 0;  // the previous tile's: its V goes in after this tile's K
       uint32_t v_phase = 0;
       for (int i = 0; i <= w.num_tiles; ++i) {
