@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "attention/ptx.cuh"
+
 namespace pagedinfer::attention {
 
 struct PagedAttentionParams {
@@ -14,6 +16,9 @@ struct PagedAttentionParams {
   const int32_t* query_start_loc;  // [num_seqs + 1]
   const int32_t* seq_lens;         // [num_seqs]; 0 = padded row (its outputs are zeros)
   const int32_t* block_tables;     // [num_seqs, max_blocks_per_seq]
+  // Decode grids: item i serves sequence seq_order[i] (longest first; written by decode_order_kernel, this
+  // launch's programmatic prerequisite), or sequence i when null.
+  const int32_t* seq_order;
   float* partial_out;              // [num_seqs, num_heads, num_splits, head_size]: split outputs, normalized
   float* partial_lse;              // [num_seqs, num_heads, num_splits]: base-2 log-sum-exp, -inf if empty
   int64_t q_row_stride;            // elements between consecutive query rows
@@ -71,11 +76,16 @@ __device__ __forceinline__ QueryRow locate_query_row(const PagedAttentionParams&
   int q_len;
   int seq_len;
   if (p.one_row_per_seq) {
+    if (p.seq_order != nullptr) {
+      wait_for_prerequisite_grids();  // the order is the previous grid's output
+      r.seq = p.seq_order[item];
+    } else {
+      r.seq = item;
+    }
     // The three loads are independent: issued together, they cost one memory latency at CTA start.
-    r.seq = item;
-    r.token = p.query_start_loc[item];
-    const int next = p.query_start_loc[item + 1];
-    seq_len = p.seq_lens[item];
+    r.token = p.query_start_loc[r.seq];
+    const int next = p.query_start_loc[r.seq + 1];
+    seq_len = p.seq_lens[r.seq];
     q_len = next - r.token;
     // Only single-token sequences: in a step that also has prompt chunks, those are another kernel's.
     if (q_len != 1) return QueryRow{-1, 0, 0, 0};

@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(MmaAttentionConfig<T, kHeadSize>::kThreads)
       o[2] = from_float<T>(acc.z * inv);
       o[3] = from_float<T>(acc.w * inv);
     } else {
-      const int64_t part = (int64_t(item) * p.num_heads + head) * p.num_splits + split;
+      const int64_t part = (int64_t(row.seq) * p.num_heads + head) * p.num_splits + split;  // as the merge reads
       float* o = p.partial_out + part * kHeadSize + d;
       o[0] = acc.x * inv;
       o[1] = acc.y * inv;

@@ -36,6 +36,7 @@
 #include <utility>
 
 #include "attention/attention_args.h"
+#include "attention/decode_order_kernel.cuh"
 #include "attention/mma_attention_kernel.cuh"
 #include "attention/mma_prefill_kernel.cuh"
 #include "attention/simt_attention_kernel.cuh"
@@ -124,12 +125,33 @@ int64_t required_workspace_floats(const SplitConfig& c) {
     if (splits == 1) break;
     need = std::max(need, partials_floats(n, c.num_heads, c.head_size, splits));
   }
+  // A decode order (unsplit launches only, so it shares the partials' space): one int32 a sequence.
+  need = std::max(need, std::min<int64_t>(c.num_seqs, attention::kMaxOrderedSeqs));
   last = c;
   last_need = need;
   return need;
 }
 
 // ---- kernel launches ---------------------------------------------------------------------------------
+
+// Launches `kernel` as a programmatic dependent of the stream's previous grid on sm_90 and later: its CTAs
+// may start while that grid runs, and wait in griddepcontrol.wait (wait_for_prerequisite_grids) before
+// reading its results. An ordinary launch before sm_90.
+template <typename... Params, typename... Args>
+void launch_programmatic_dependent(void (*kernel)(Params...), int64_t grid, int threads, int smem_bytes,
+                                   int device, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(grid));
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = unsigned(smem_bytes);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = device_facts(device).cc_major >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 void set_dynamic_smem(const void* kernel, int bytes) {
   // Above 48 KB a kernel must opt in. Cheap host call (no device work), valid during graph capture.
@@ -149,19 +171,24 @@ void for_block_size(int block_size, Launch&& launch) {
   }
 }
 
+// A decode grid with a sequence order is the programmatic dependent of the order kernel before it.
 template <typename T, int kHeadSize, int kBlockSize>
-void launch_mma_kernel(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
+void launch_mma_kernel(const PagedAttentionParams& p, int64_t grid, int device, cudaStream_t stream) {
   using Cfg = attention::MmaAttentionConfig<T, kHeadSize>;
   const auto kernel = attention::mma_paged_attention_kernel<T, kHeadSize, kBlockSize>;
   set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
-  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.seq_order != nullptr) {
+    launch_programmatic_dependent(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, device, stream, p);
+  } else {
+    kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, int kHeadSize>
-void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, cudaStream_t stream) {
+void launch_mma_for_block_size(const PagedAttentionParams& p, int64_t grid, int device, cudaStream_t stream) {
   for_block_size(p.block_size, [&](auto block) {
-    launch_mma_kernel<T, kHeadSize, decltype(block)::value>(p, grid, stream);
+    launch_mma_kernel<T, kHeadSize, decltype(block)::value>(p, grid, device, stream);
   });
 }
 
@@ -274,19 +301,9 @@ void launch_simt_kernel(const PagedAttentionParams& p, int64_t grid, cudaStream_
 // CTAs run (they wait in griddepcontrol.wait), hiding the launch gap, a real share of a 50 us decode.
 template <typename T>
 void launch_reduce_kernel(const PagedAttentionParams& p, int device, cudaStream_t stream) {
-  using Cfg = attention::SplitKvReduceConfig;
-  const auto kernel = attention::split_kv_reduce_kernel<T>;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(int64_t(p.num_seqs) * p.num_heads));  // one CTA per (sequence, head)
-  config.blockDim = dim3(Cfg::kThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = device_facts(device).cc_major >= 9 ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  const int64_t grid = int64_t(p.num_seqs) * p.num_heads;  // one CTA per (sequence, head)
+  launch_programmatic_dependent(attention::split_kv_reduce_kernel<T>, grid, attention::SplitKvReduceConfig::kThreads,
+                                0, device, stream, p);
 }
 
 // The first pass (tensor cores when the case allows), then the merge of splits.
@@ -302,8 +319,8 @@ void launch_attention(const PagedAttentionParams& p, bool tensor_cores, int64_t 
   bool launched = false;
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores) {
-      if (p.head_size == 128) launch_mma_for_block_size<T, 128>(p, grid, stream);
-      else launch_mma_for_block_size<T, 64>(p, grid, stream);
+      if (p.head_size == 128) launch_mma_for_block_size<T, 128>(p, grid, device, stream);
+      else launch_mma_for_block_size<T, 64>(p, grid, device, stream);
       launched = true;
     }
   }
@@ -373,6 +390,12 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
                            s.head_size,          s.max_blocks_per_seq, s.block_size,
                            device_facts(device).sm_count};
   const int64_t num_splits = decode_launch ? plan_num_splits(config) : 1;
+  // An unsplit decode grid of more than one wave of the tensor-core kernel serves its sequences longest
+  // first (decode_order_kernel.cuh). Decided from shapes only, as the split count: a graph keeps it.
+  const int64_t decode_ctas = s.num_seqs * s.num_kv_heads * ceil_div(s.num_heads / s.num_kv_heads, kPlanHeadsPerCta);
+  const bool order_decodes = decode_launch && num_splits == 1 && tensor_cores && dtype != at::kFloat &&
+                             s.num_seqs >= 2 && s.num_seqs <= attention::kMaxOrderedSeqs &&
+                             decode_ctas > device_facts(device).sm_count * kResidentCtasPerSm;
 
   at::Tensor scratch;
   if (workspace.has_value()) {
@@ -388,6 +411,8 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
   } else if (num_splits > 1) {
     scratch = at::empty({partials_floats(s.num_seqs, s.num_heads, s.head_size, num_splits)},
                         query.options().dtype(at::kFloat));
+  } else if (order_decodes) {
+    scratch = at::empty({s.num_seqs}, query.options().dtype(at::kFloat));
   }
 
   PagedAttentionParams p{};
@@ -425,6 +450,13 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
     p.decodes_elsewhere = false;
     p.one_row_per_seq = true;  // the decodes of the step, on the decode kernel below
     p.num_splits = int(num_splits);
+  }
+  if (order_decodes) {
+    int32_t* order = reinterpret_cast<int32_t*>(scratch.data_ptr<float>());  // where split partials would go
+    attention::decode_order_kernel<<<1, unsigned(ceil_div(s.num_seqs, 32) * 32), 0, stream>>>(
+        p.query_start_loc, p.seq_lens, p.num_seqs, order);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    p.seq_order = order;
   }
   const int64_t items = p.one_row_per_seq ? s.num_seqs : s.num_tokens;
   switch (dtype) {

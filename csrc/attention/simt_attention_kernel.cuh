@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(SimtAttentionConfig::kThreads)
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[(int64_t(row.token) * p.num_heads + head0 + h) * D + d] = from_float<T>(value);
     } else {
-      const int64_t part = (int64_t(item) * p.num_heads + head0 + h) * p.num_splits + split;
+      const int64_t part = (int64_t(row.seq) * p.num_heads + head0 + h) * p.num_splits + split;  // as the merge reads
       p.partial_out[part * D + d] = value;
       if (d == 0) p.partial_lse[part] = total > 0.f ? max_s[h] + __log2f(total) : -INFINITY;
     }

@@ -49,7 +49,8 @@ def paged_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tens
 def paged_attention_workspace(num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int,
                               max_blocks_per_seq: int, block_size: int,
                               device: torch.device | str) -> Optional[torch.Tensor]:
-    """The split-KV scratch buffer for launches up to this size, allocated once (None on CPU)."""
+    """The scratch buffer of launches up to this size (split-KV partials, a decode order), allocated once
+    (None on CPU)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None

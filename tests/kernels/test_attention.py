@@ -270,6 +270,74 @@ def test_cuda_graph_decode_with_growing_contexts(dtype, sliding_window):
     assert (out[[1, 6]] == 0).all()  # padded rows
 
 
+def launched_kernels(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+    """`run`'s result and the names of the attention kernels it launched (profiled)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = run()
+        torch.cuda.synchronize()
+    return out, [e.key for e in prof.key_averages() if "attention" in e.key]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_workspace", [False, True])
+@pytest.mark.parametrize("mixed", [False, True], ids=["decode", "mixed"])
+def test_multi_wave_decode_runs_longest_first(mixed, use_workspace):
+    """A decode launch of more than one wave of CTAs serves its sequences longest first: an order kernel
+    ranks them on the device (prompt chunks of a mixed step and padded rows last) and the decode kernel reads
+    its sequence through that order. 300 ragged decodes x 8 kv heads = 2400 CTAs; one decode per wave would
+    not be ordered."""
+    specs = [(int(c), 1) for c in torch.randint(0, 3000, (300,))] + [(PAD, 1)] * 5
+    if mixed:
+        specs += [(100, 40), (0, 70)]
+    inputs = make_paged_inputs(specs, num_heads=32, num_kv_heads=8, head_size=128, block_size=16,
+                               dtype=torch.bfloat16, device="cuda")
+    scale = softmax_scale(128)
+    workspace = None
+    if use_workspace:
+        workspace = _ops.paged_attention_workspace(len(specs), 32, 8, 128, inputs.block_tables.shape[1], 16,
+                                                   "cuda")
+    out, kernels = launched_kernels(lambda: run_attention(inputs, scale, -1, workspace))
+    assert_matches_ref(out, inputs, scale)
+    assert any("decode_order_kernel" in k for k in kernels), kernels
+    few = make_paged_inputs(specs[:8], num_heads=32, num_kv_heads=8, head_size=128, block_size=16,
+                            dtype=torch.bfloat16, device="cuda")
+    _, kernels = launched_kernels(lambda: run_attention(few, scale))
+    assert not any("decode_order_kernel" in k for k in kernels), kernels
+
+
+@pytest.mark.gpu
+def test_cuda_graph_ordered_decode_with_new_lengths():
+    """The order is computed on the device at every replay: a graph captured on one ragged batch, replayed
+    after every length changed (longest and shortest swapped places), still matches the reference."""
+    num_heads, num_kv_heads, head_size, block_size, max_blocks = 32, 8, 128, 16, 256
+    contexts = torch.randint(0, 4000, (300,))
+    # The same lengths with the order reversed (longest and shortest swap places): both steps need as many
+    # blocks, so the second step's pool also holds every block id of the first step's tables.
+    ranked = contexts.sort(descending=True, stable=True)
+    swapped = torch.empty_like(contexts)
+    swapped[ranked.indices] = ranked.values.flip(0)
+    first = [(int(c), 1) for c in contexts]
+    second = [(int(c), 1) for c in swapped]
+    build = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                 block_size=block_size, dtype=torch.bfloat16, device="cuda", max_blocks_per_seq=max_blocks)
+    inputs = make_paged_inputs(first, **build)
+    changed = make_paged_inputs(second, **build)
+    inputs.kv_cache = changed.kv_cache  # one pool for both steps
+    scale = softmax_scale(head_size)
+    workspace = _ops.paged_attention_workspace(len(first), num_heads, num_kv_heads, head_size, max_blocks,
+                                               block_size, "cuda")
+    out = torch.empty_like(inputs.query)
+
+    def step():
+        _ops.paged_attention(out, inputs.query, inputs.kv_cache, *inputs.metadata, 1, scale, -1, workspace)
+
+    check = graph_replay_check(step, out, inputs, scale, -1)
+    check()
+    for name in ("query", "query_start_loc", "seq_lens", "block_tables"):
+        getattr(inputs, name).copy_(getattr(changed, name))
+    check()
+
+
 # ---- CUDA only: the prompt-chunk kernels' tiling -------------------------------------------------------
 # On CUDA, max_query_len > 1 in fp16/bf16 with head 64/128 runs wgmma_ws_prefill_kernel.cuh on sm_90, else
 # (and under PAGEDINFER_PREFILL_KERNEL=mma) mma_prefill_kernel.cuh; all: items of 128 (token, head) rows,
@@ -357,11 +425,9 @@ def test_mixed_step_runs_its_decodes_on_the_decode_kernel(prefill_kernel):
         inputs = make_paged_inputs(specs, num_heads=32, num_kv_heads=8, head_size=128, block_size=16,
                                    dtype=torch.bfloat16, device="cuda")
         scale = softmax_scale(128)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            out = run_attention(inputs, scale, -1, None)
-            torch.cuda.synchronize()
+        out, kernels = launched_kernels(lambda: run_attention(inputs, scale, -1, None))
         assert_matches_ref(out, inputs, scale)
-        return [e.key for e in prof.key_averages() if "attention" in e.key]
+        return kernels
 
     mixed = launched([(0, 200), (3000, 1), (PAD, 1), (30, 1), (5, 17)])
     assert any("mma_paged_attention_kernel" in k for k in mixed), mixed
