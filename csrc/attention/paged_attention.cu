@@ -17,6 +17,8 @@
 //   simt_attention_kernel.cuh    everything else (float32, other head sizes, unaligned caches), one CTA per
 //                                (query row, kv head, head tile, split)
 //   split_kv_reduce_kernel.cuh   merges the splits' partial results when a launch has more than one
+//   decode_order_kernel.cuh      before an unsplit decode grid of more than one wave: its sequences
+//                                longest first (the tensor-core decode kernel reads its rows in that order)
 // Decode splits long contexts over several CTAs; the SIMT general path gives each query token its own CTAs
 // and one split.
 #include <ATen/core/Tensor.h>
