@@ -90,6 +90,14 @@ struct SplitConfig {
   bool operator==(const SplitConfig&) const = default;
 };
 
+// CTAs of one split of a decode launch of the tensor-core kernel: (sequence, kv head, head tile); and how
+// many of them one wave holds.
+int64_t decode_ctas_per_split(const SplitConfig& c) {
+  const int64_t group = c.num_heads / c.num_kv_heads;
+  return c.num_seqs * c.num_kv_heads * ceil_div(std::max<int64_t>(group, 1), kPlanHeadsPerCta);
+}
+int64_t resident_ctas(const SplitConfig& c) { return c.sm_count * kResidentCtasPerSm; }
+
 // As many splits as fit in one wave of resident CTAs (splitting further only adds a partial second wave:
 // measured slower on an H100), at least one, and no split shorter than kMinTilesPerSplit tiles of the
 // longest possible row (block_tables.size(1) blocks). Batches that fill waves unsplit stay unsplit: a
@@ -97,10 +105,8 @@ struct SplitConfig {
 // than it gained (64 x 2048: 0.985x -> 0.908x SDPA; ragged 64 x [128, 8192]: 0.79x -> 0.84x).
 int64_t plan_num_splits(const SplitConfig& c) {
   if (c.num_seqs <= 0 || c.num_kv_heads <= 0) return 1;
-  const int64_t group = c.num_heads / c.num_kv_heads;
-  const int64_t ctas_per_split = c.num_seqs * c.num_kv_heads * ceil_div(std::max<int64_t>(group, 1), kPlanHeadsPerCta);
   const int64_t max_tiles = ceil_div(c.max_blocks_per_seq * c.block_size, kPlanTileKeys);
-  int64_t splits = c.sm_count * kResidentCtasPerSm / ctas_per_split;
+  int64_t splits = resident_ctas(c) / decode_ctas_per_split(c);
   splits = std::min(splits, max_tiles / kMinTilesPerSplit);
   return std::clamp<int64_t>(splits, 1, kMaxSplits);
 }
@@ -394,10 +400,9 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
   const int64_t num_splits = decode_launch ? plan_num_splits(config) : 1;
   // An unsplit decode grid of more than one wave of the tensor-core kernel serves its sequences longest
   // first (decode_order_kernel.cuh). Decided from shapes only, as the split count: a graph keeps it.
-  const int64_t decode_ctas = s.num_seqs * s.num_kv_heads * ceil_div(s.num_heads / s.num_kv_heads, kPlanHeadsPerCta);
-  const bool order_decodes = decode_launch && num_splits == 1 && tensor_cores && dtype != at::kFloat &&
-                             s.num_seqs >= 2 && s.num_seqs <= attention::kMaxOrderedSeqs &&
-                             decode_ctas > device_facts(device).sm_count * kResidentCtasPerSm;
+  const bool order_decodes = decode_launch && num_splits == 1 && tensor_cores && s.num_seqs >= 2 &&
+                             s.num_seqs <= attention::kMaxOrderedSeqs &&
+                             decode_ctas_per_split(config) > resident_ctas(config);
 
   at::Tensor scratch;
   if (workspace.has_value()) {
