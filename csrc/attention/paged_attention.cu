@@ -4,7 +4,7 @@
 //   wgmma_ws_prefill_kernel.cuh  max_query_len > 1, fp16/bf16, head_size 64 or 128, on an sm_90 device with
 //                                sm_90a code: warpgroup MMA (wgmma), warp-specialized (a loader warpgroup,
 //                                two computing), persistent (one CTA per SM walks items of 128 (token, head)
-//                                rows), 128-key tiles
+//                                rows), 128-key tiles; Q by TMA (make_prefill_q_map), K/V by cp.async
 //   mma_prefill_kernel.cuh       the same prompt chunks elsewhere (or under PAGEDINFER_PREFILL_KERNEL=mma,
 //                                read at every launch): FlashAttention-2 style, mma.sync, one CTA per
 //                                (sequence, kv head, row tile), 64-key tiles
@@ -26,6 +26,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -227,6 +229,48 @@ void launch_mma_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// cuTensorMapEncodeTiled from the driver the runtime uses (no link against libcuda); null if absent.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return PFN_cuTensorMapEncodeTiled_v12000{nullptr};
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The query as the prompt kernel's TMA map (attention::PrefillQMap): (columns, heads, tokens), rows
+// q_row_stride apart; a box of 64 columns (128 bytes, 128-byte swizzled) x group heads x 128 / group tokens,
+// one item's half. Only where the group divides 128 (an item then starts at a token's first head) and the
+// driver can encode it; else ok = 0 and the kernel copies Q by cp.async.
+template <typename T, int kHeadSize>
+attention::PrefillQMap make_prefill_q_map(const PagedAttentionParams& p) {
+  attention::PrefillQMap q{};
+  q.ok = 0;
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr || 128 % group != 0 || reinterpret_cast<uintptr_t>(p.query) % 16 != 0 ||
+      p.q_row_stride % 8 != 0) {
+    return q;
+  }
+  const cuuint64_t dims[3] = {cuuint64_t(kHeadSize), cuuint64_t(p.num_heads), cuuint64_t(p.num_tokens)};
+  const cuuint64_t strides[2] = {cuuint64_t(kHeadSize * sizeof(T)), cuuint64_t(p.q_row_stride * sizeof(T))};
+  const cuuint32_t box[3] = {64, cuuint32_t(group), cuuint32_t(128 / group)};
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const CUtensorMapDataType type =
+      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  q.ok = encode(&q.map, type, 3, const_cast<void*>(p.query), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return q;
+}
+
 // The warp-specialized wgmma kernel: persistent, one CTA per SM walking the items.
 template <typename T, int kHeadSize, int kBlockSize>
 void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, int device,
@@ -235,9 +279,11 @@ void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_l
   const auto kernel = attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize>;
   const auto [row_tiles, items] = prefill_items(p, max_query_len, Cfg::kRows);
   const int64_t grid = std::min<int64_t>(items, device_facts(device).sm_count);
+  const attention::PrefillQMap q_map = make_prefill_q_map<T, kHeadSize>(p);
   set_dynamic_smem(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
-  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles), int(items));
+  kernel<<<unsigned(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(row_tiles), int(items), q_map);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (q_map.ok) count_prefill_q_tma_launch();
 }
 
 // Rows per warp of the mma.sync prefill kernel: 32 (4 warps, two CTAs per SM; FlashAttention-2's shape)

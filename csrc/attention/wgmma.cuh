@@ -112,6 +112,24 @@ __device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint32_t bar) {
 #endif
 }
 
+// One arrival that also makes the phase wait for `bytes` more of asynchronous (TMA) writes.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if PAGEDINFER_WGMMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+
+// The box at (c0, c1, c2) of a 3-D tensor map into shared memory at `dst` (TMA); its bytes complete on
+// `bar`'s transaction count. `map`: a __grid_constant__ kernel parameter.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* map, int c0, int c1, int c2, uint32_t bar) {
+#if PAGEDINFER_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+#endif
+}
+
 // Waits until the phase of parity `parity` has completed (acquire). A fresh barrier is in phase 0, so
 // waiting on parity 1 returns at once: that is how a producer finds every slot free the first time.
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {

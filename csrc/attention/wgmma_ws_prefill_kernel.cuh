@@ -6,16 +6,18 @@
 //   * one CTA per SM (grid = min(items, SMs)) walks the items that exist (item blockIdx.x, + gridDim.x,
 //     ...) longest first (every sequence's last row tile, then the ones before), so one item's loads
 //     overlap the previous item's last tiles and its output writes, and the short items fill the tail;
-//   * warpgroup 0 only loads (its 128 threads gather Q and the K/V rows of each 128-key tile from the
-//     paged cache by cp.async, each tile's K a tile before its V; TMA cannot gather rows of a block table;
-//     a tile's block ids are read a tile ahead, and its rows are addressed per block, a few instructions a
-//     copy: the loader shares each scheduler with two consumer warps), warpgroups 1 and 2 only compute,
-//     64 rows each; they meet at mbarriers, never at a CTA barrier:
+//   * warpgroup 0 only loads (an item's Q by TMA, one box per 64-column half issued by one thread, where
+//     the item's rows start at a token's first head, else by cp.async; its 128 threads gather the K/V rows
+//     of each 128-key tile from the paged cache by cp.async, each tile's K a tile before its V: a tile's
+//     block ids are read a tile ahead, and its rows are addressed per block, a few instructions a copy: the
+//     loader shares each scheduler with two consumer warps; TMA boxes of a block each were slower, 1 x
+//     8,192 by 12-20 % on an H200), warpgroups 1 and 2 only compute, 64 rows each; they meet at mbarriers,
+//     never at a CTA barrier:
 //       q_full / q_empty [2]     a Q buffer (and its item's record) loaded / released by both consumers
 //       k_full / k_empty [S]     a K slot loaded / read by both consumers' Q·K^T
 //       v_full / v_empty [S]     a V slot loaded / read by both consumers' P·V
 //     Loads complete the "full" barriers by cp.async.mbarrier.arrive (one arrival per producer thread, when
-//     its copies land); each consumer warp arrives on "empty" once it is done with the slot (8 arrivals).
+//     its copies land), Q's by TMA by its transaction bytes; each consumer warp arrives on "empty" once it is done with the slot (8 arrivals).
 //   * tiles of 128 keys: S = Q·K^T on wgmma m64n128k16 (head/16 k-steps), O += P·V on m64n{head}k16 (8
 //     k-steps, P from registers, V MN-major), the previous tile's P·V issued behind this tile's Q·K^T so it
 //     runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap; see qk_softmax_over_pv
@@ -44,6 +46,8 @@
 //     64-wide halves of N are a tile-half apart (leading byte offset). k-step kk starts at kk * 2 KB.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
+
 #include <cstdint>
 #include <type_traits>
 
@@ -67,6 +71,14 @@ struct PrefillWork {
   int num_tiles;
 };
 constexpr int kComputeItem = 0, kZeroItem = 1, kNoMoreItems = 2;
+
+// The query as a TMA tensor map (made by the launcher, paged_attention.cu make_prefill_q_map): (columns,
+// heads, tokens), a box of 64 columns x group heads x 128 / group tokens = one item's half, 128-byte swizzled
+// (the layout of the kernel's Q buffers). ok = 0: no map (Q by cp.async).
+struct PrefillQMap {
+  CUtensorMap map;
+  int ok;
+};
 
 template <typename T, int kHeadSize>
 struct WsPrefillConfig {
@@ -111,7 +123,8 @@ struct WsPrefillConfig {
 // group, kRows); num_items = num_seqs * num_kv_heads * row_tiles; both from host ints (CUDA-graph safe).
 template <typename T, int kHeadSize, int kBlockSize>
 __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
-    wgmma_ws_prefill_attention_kernel(const PagedAttentionParams p, const int row_tiles, const int num_items) {
+    wgmma_ws_prefill_attention_kernel(const PagedAttentionParams p, const int row_tiles, const int num_items,
+                                      const __grid_constant__ PrefillQMap q_map) {
 #if PAGEDINFER_WGMMA
   using Cfg = WsPrefillConfig<T, kHeadSize>;
   constexpr int kKSteps = kHeadSize / 16;        // k-steps of Q·K^T
@@ -294,13 +307,27 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       // the table's latency hides behind other copies instead of standing before each tile's.
       int next_block_ids = w.num_tiles > 0 ? tile_block_ids(w.tile_first) : 0;
 
-      // ---- Q (rows past cta_rows zero-filled) and the record, in Q buffer q_slot ----
+      // ---- Q and the record, in Q buffer q_slot (rows past cta_rows: zeros by cp.async; by TMA the next
+      // tokens' rows, or zeros past the tensor: every key of those rows is masked and they are never
+      // written) ----
       mbarrier_wait(q_empty(q_slot), q_phase ^ 1u);
+      const bool q_by_tma = q_map.ok && w.num_tiles > 0;
       if (lt == 0) {
         records[q_slot] = w;
-        mbarrier_arrive(q_full(q_slot));
+        if (q_by_tma) {
+          mbarrier_arrive_expect_tx(q_full(q_slot), Cfg::kQBytes);  // also releases the record
+#pragma unroll
+          for (int hf = 0; hf < Cfg::kHalves; ++hf) {
+            tma_load_3d(q_addr + q_slot * Cfg::kQBytes + hf * Cfg::kQHalfBytes, &q_map.map, 64 * hf,
+                        kv_head * group, q_start + row0 / group, q_full(q_slot));
+          }
+        } else {
+          mbarrier_arrive(q_full(q_slot));
+        }
       }
-      if (w.num_tiles > 0) {
+      if (q_by_tma) {
+        mbarrier_arrive(q_full(q_slot));
+      } else if (w.num_tiles > 0) {
         const T* query = static_cast<const T*>(p.query);
         // Row r = ld_row + pass * kRowsPerPass is (token, head) = (fr / group, fr % group), fr = row0 + r:
         // one division per item, then the source steps kRowsPerPass rows a pass (q_pass_step, and

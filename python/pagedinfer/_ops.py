@@ -35,6 +35,11 @@ def debug_checks_enabled() -> bool:
     return _ops.debug_checks_enabled()
 
 
+def prefill_q_tma_launches() -> int:
+    """Prompt-kernel launches so far that loaded Q by TMA (else by cp.async, same results)."""
+    return _ops.prefill_q_tma_launches()
+
+
 # ---- attention -------------------------------------------------------------------------------------
 
 def paged_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,

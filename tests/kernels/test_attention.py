@@ -389,6 +389,24 @@ def test_prefill_many_items_per_cta(prefill_kernel, head_size, sliding_window):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group, block_size, q_by_tma", [
+    (4, 16, True), (1, 32, True), (4, 8, True),  # Llama's group; one query head a kv head; any block size
+    (3, 16, False),                              # 128 rows an item do not start at a token's first head
+])
+def test_prompt_kernel_loads_q_by_tma(monkeypatch, group, block_size, q_by_tma):
+    """On sm_90 the prompt kernel loads each item's Q by TMA where the group divides 128. A map that cannot
+    be made falls back to cp.async with the same results, so the launcher counts the launches that used it."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialized prompt kernel runs on sm_90 only")
+    monkeypatch.delenv("PAGEDINFER_PREFILL_KERNEL", raising=False)
+    inputs = make_paged_inputs([(300, 200), (0, 257), (5, 1)], num_heads=2 * group, num_kv_heads=2,
+                               head_size=128, block_size=block_size, dtype=torch.bfloat16, device="cuda")
+    before = _ops.prefill_q_tma_launches()
+    check_attention(inputs, softmax_scale(128))
+    assert _ops.prefill_q_tma_launches() - before == int(q_by_tma)
+
+
+@pytest.mark.gpu
 def test_prefill_reruns_under_a_concurrent_kernel_give_the_same_bits():
     """The warp-specialized kernel's CTAs each list the items themselves and walk their share of that list,
     so the lists must agree. Placed by atomics, their order followed warp timing: with another kernel running
