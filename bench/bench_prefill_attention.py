@@ -19,7 +19,8 @@ FLOPs: 4 * head_size * num_heads * sum over query tokens of the keys each sees (
 "ours": the prompt-chunk kernel PAGEDINFER_PREFILL_KERNEL names (unset: the launcher's default, the
 warp-specialized wgmma kernel on an H100 built for 9.0a); "ours_mma": the mma.sync kernel
 (PAGEDINFER_PREFILL_KERNEL=mma, read by the launcher at every call, so both are timed in the same run; it
-must agree with "ours")
+must agree with "ours"); "ours_wgmma_ws_whole": the wgmma kernel without the half-width diagonal tiles it
+uses for prompts of up to 1,024 tokens (=wgmma_ws_whole)
 
 Prints a table and writes $OUT/bench_prefill_attention.json. Run: python bench/bench_prefill_attention.py
 (PAGEDINFER_PREFILL_WARP_ROWS=16 for the kernel's other warp shape: $OUT/bench_prefill_attention_warp16.json)
@@ -48,7 +49,7 @@ DEVICE = "cuda"  # the CPU only for a dry run of the bench's own logic (shapes, 
 GROUP = NUM_HEADS // NUM_KV_HEADS
 SCALE = HEAD_SIZE ** -0.5
 OURS_KERNEL = os.environ.get("PAGEDINFER_PREFILL_KERNEL", "wgmma_ws")  # what "ours" runs (see the docstring)
-OTHER_KERNELS = ["mma"]  # timed beside it in the same rounds ("ours_<kernel>")
+OTHER_KERNELS = ["mma", "wgmma_ws_whole"]  # timed beside it in the same rounds ("ours_<kernel>")
 MAX_ABS_ERR = 3e-2  # bf16 outputs of magnitude <~ 3: two honest kernels differ by a few 1e-3; a wrong mask by 0.1+
 
 # name -> (context_len, q_len) per sequence

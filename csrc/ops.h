@@ -81,8 +81,9 @@ void philox_uniform_cuda(at::Tensor& out, const at::Tensor& seeds, const at::Ten
 // copy the metadata to the host). Also on when the environment sets PAGEDINFER_DEBUG_CHECKS=1.
 void set_debug_checks(bool enabled);
 bool debug_checks_enabled();
-// Prompt-kernel launches (since the process started) that loaded Q by TMA (prefill_tma_stats.cpp).
-int64_t prefill_q_tma_launches();
-void count_prefill_q_tma_launch();
+// Prompt-kernel launches (since the process started) that loaded Q by TMA, and that ran half-width
+// diagonal tiles (prefill_launch_stats.cpp).
+std::vector<int64_t> prefill_launch_counts();
+void count_prefill_launch(bool q_by_tma, bool half_tiles);
 
 }  // namespace pagedinfer

@@ -33,7 +33,7 @@ TORCH_LIBRARY(pagedinfer, m) {
   m.def("philox_uniform(Tensor(a!) out, Tensor seeds, Tensor offsets) -> ()");
   m.def("set_debug_checks(bool enabled) -> ()", &pagedinfer::set_debug_checks);
   m.def("debug_checks_enabled() -> bool", &pagedinfer::debug_checks_enabled);
-  m.def("prefill_q_tma_launches() -> int", &pagedinfer::prefill_q_tma_launches);
+  m.def("prefill_launch_counts() -> int[]", &pagedinfer::prefill_launch_counts);
 }
 
 TORCH_LIBRARY_IMPL(pagedinfer, CPU, m) {

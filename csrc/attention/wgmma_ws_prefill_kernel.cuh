@@ -19,7 +19,8 @@
 //     Loads complete the "full" barriers by cp.async.mbarrier.arrive (one arrival per producer thread, when
 //     its copies land), Q's by TMA by its transaction bytes; each consumer warp arrives on "empty" once it is done with the slot (8 arrivals).
 //   * tiles of 128 keys: S = Q·K^T on wgmma m64n128k16 (head/16 k-steps), O += P·V on m64n{head}k16 (8
-//     k-steps, P from registers, V MN-major), the previous tile's P·V issued behind this tile's Q·K^T so it
+//     k-steps, P from registers, V MN-major; with kHalfTiles a diagonal tile no row sees past key 63 of is
+//     m64n64 and 4 k-steps), the previous tile's P·V issued behind this tile's Q·K^T so it
 //     runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap; see qk_softmax_over_pv
 //     for what keeps ptxas from undoing it), and the two consumer warpgroups issuing their MMAs in turns
 //     (FlashAttention-3's ping-pong); O is rescaled only when a row's reference maximum moves, and it
@@ -119,9 +120,11 @@ struct WsPrefillConfig {
   static_assert(kRowsPerPass % 8 == 0, "the swizzle must repeat from pass to pass");
 };
 
-// kBlockSize: 16 or 32 (compile time), or 0 (any block size). row_tiles: prefill_row_tiles(max_query_len,
-// group, kRows); num_items = num_seqs * num_kv_heads * row_tiles; both from host ints (CUDA-graph safe).
-template <typename T, int kHeadSize, int kBlockSize>
+// kBlockSize: 16 or 32 (compile time), or 0 (any block size). kHalfTiles: a warpgroup's last visible tile
+// computes only its first 64 keys where no row of the warpgroup sees past them (the launcher picks it for
+// short prompts). row_tiles: prefill_row_tiles(max_query_len, group, kRows); num_items = num_seqs *
+// num_kv_heads * row_tiles; both from host ints (CUDA-graph safe).
+template <typename T, int kHeadSize, int kBlockSize, bool kHalfTiles>
 __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     wgmma_ws_prefill_attention_kernel(const PagedAttentionParams p, const int row_tiles, const int num_items,
                                       const __grid_constant__ PrefillQMap q_map) {
@@ -130,6 +133,10 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
   constexpr int kKSteps = kHeadSize / 16;        // k-steps of Q·K^T
   constexpr int kPSteps = Cfg::kTileKeys / 16;   // k-steps of P·V
   constexpr int kSRegs = Cfg::kTileKeys / 2;     // S (then P) of one tile, per thread
+  // A tile's keys the consumers compute: all, or the first half where no row of the warpgroup sees past it
+  // (the diagonal tile: half of the items of 512-token prompts, 32 tokens x 4 heads an item, save half a tile).
+  constexpr std::integral_constant<int, Cfg::kTileKeys> kWhole{};
+  constexpr std::integral_constant<int, Cfg::kTileKeys / 2> kHalf{};
   constexpr int kORegs = kHeadSize / 2;          // O, per thread
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -522,12 +529,17 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     float s[kSRegs];                            // S, then P, of the current tile (accumulator layout)
     uint32_t pa[kPSteps][4];                    // P as A fragments, one per k-step of P·V
     bool p_pending = false;                     // P of the previous visible tile waits in pa for its P·V
+    bool p_half = false;                        // ... of a half tile: keys 0 .. 63 only (pa[0 .. 3])
     int pv_stage = 0;
     uint32_t pv_phase = 0;
 
     // Descriptors: one run each (WgmmaDescRun), made at every issue, so that no k-step's descriptor holds
     // registers across the loop (the softmax needs them).
-    auto issue_qk = [&](int st) {
+    // `cols` (compile time): the tile's first kTileKeys (whole tile) or kHalfKeys keys; a half tile fills
+    // s[0 .. kHalfKeys / 2 - 1] (the accumulator layout of the first n-blocks is the same at either width).
+    auto issue_qk = [&](auto cols, int st) {
+      constexpr int kCols = decltype(cols)::value;
+      float(&acc)[kCols / 2] = *reinterpret_cast<float(*)[kCols / 2]>(&s[0]);
       const WgmmaDescRun q_run(q_wg_addr, 16, 1024), k_run(k_addr + st * Cfg::kTileBytes, 16, 1024);
       wgmma_fence();
 #pragma unroll
@@ -535,19 +547,20 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         const uint32_t in_row = uint32_t(ks & 3) * 32u;  // bytes into the 128-byte rows: columns 16 (ks % 4) ..
         const uint64_t da = q_run.at((ks >> 2) * Cfg::kQHalfBytes + in_row);
         const uint64_t db = k_run.at((ks >> 2) * Cfg::kTileHalfBytes + in_row);
-        if (ks == 0) Wgmma<T, Cfg::kTileKeys>::ss_first(s, da, db);
-        else Wgmma<T, Cfg::kTileKeys>::ss(s, da, db);
+        if (ks == 0) Wgmma<T, kCols>::ss_first(acc, da, db);
+        else Wgmma<T, kCols>::ss(acc, da, db);
       }
       wgmma_commit();
     };
     // V MN-major: 8-key atoms 1 KB apart (stride byte offset), 64-dim halves a tile-half apart (leading).
-    auto issue_pv = [&](int st) {
+    // The first cols / 16 k-steps (keys 0 .. cols - 1).
+    auto issue_pv = [&](auto cols, int st) {
       const WgmmaDescRun v_run(v_addr + st * Cfg::kTileBytes, Cfg::kTileHalfBytes, 1024);
 #pragma unroll
       for (int i = 0; i < kORegs; ++i) wgmma_fence_operand(o[i]);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kPSteps; ++kk) {
+      for (int kk = 0; kk < decltype(cols)::value / 16; ++kk) {
         const uint64_t dv = v_run.at(kk * 16 * Cfg::kRowBytes);
         Wgmma<T, kHeadSize>::rs_tn(o, pa[kk], dv);
       }
@@ -566,13 +579,14 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     // row_sum advance; O's rescale factors are returned, not applied (a P·V may still be writing O).
     // kMasked is a compile-time constant, and the mask is selects, no branch: this runs while a P·V is in
     // flight, and a branch that joins there makes ptxas wait for that P·V first (no overlap left).
-    auto softmax = [&](auto masked, int key0, float (&rescale)[2]) {
+    auto softmax = [&](auto masked, auto cols, int key0, float (&rescale)[2]) {
       constexpr bool kMasked = decltype(masked)::value;
+      constexpr int kBlocks = decltype(cols)::value / 8;  // n-blocks of 8 keys: s[4 j .. 4 j + 3]
 #pragma unroll
-      for (int i = 0; i < kSRegs; ++i) wgmma_fence_operand(s[i]);
+      for (int i = 0; i < 4 * kBlocks; ++i) wgmma_fence_operand(s[i]);
       if constexpr (kMasked) {
 #pragma unroll
-        for (int j = 0; j < kSRegs / 4; ++j) {
+        for (int j = 0; j < kBlocks; ++j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = key0 + 8 * j + 2 * t + (e & 1);
@@ -580,15 +594,16 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
           }
         }
       }
-      // The row's 4 threads (a quad) hold its 128 scores, 32 each. Maxima and sums in kChains independent
-      // chains: one chain is 32 dependent instructions, and two warps a scheduler leave its latency bare.
+      // The row's 4 threads (a quad) hold its 128 scores, 32 each (64, 16 of a half tile). Maxima and sums in
+      // kChains independent chains: one chain is 32 dependent instructions, and two warps a scheduler leave
+      // its latency bare.
       constexpr int kChains = 4;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         // Each chain starts from its first pair (fmaxf(-inf, x) and 0 + x are not folded away).
         float chain_max[kChains];
 #pragma unroll
-        for (int j = 0; j < kSRegs / 4; ++j) {
+        for (int j = 0; j < kBlocks; ++j) {
           const float pair_max = fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]);
           chain_max[j % kChains] = j < kChains ? pair_max : fmaxf(chain_max[j % kChains], pair_max);
         }
@@ -605,7 +620,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         row_max[h] = new_max;
         float chain_sum[kChains];
 #pragma unroll
-        for (int j = 0; j < kSRegs / 4; ++j) {
+        for (int j = 0; j < kBlocks; ++j) {
           s[4 * j + 2 * h] = fast_exp2(fmaf(s[4 * j + 2 * h], p.scale_log2, -ref));
           s[4 * j + 2 * h + 1] = fast_exp2(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -ref));
           const float pair_sum = s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
@@ -628,9 +643,9 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     };
     // P -> pa: accumulator n-blocks 2kk (keys 16kk + 0..7) and 2kk + 1 (+8..15) are the A-fragment layout
     // with those keys as K.
-    auto pack_p = [&]() {
+    auto pack_p = [&](auto cols) {
 #pragma unroll
-      for (int kk = 0; kk < kPSteps; ++kk) {
+      for (int kk = 0; kk < decltype(cols)::value / 16; ++kk) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) pa[kk][i] = pack_pair<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
       }
@@ -638,11 +653,17 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     auto flush_pending_pv = [&]() {
       mbarrier_wait(v_full(pv_stage), pv_phase);
       fence_proxy_async_shared();
-      issue_pv(pv_stage);
-      wgmma_wait<0>();
+      if (p_half) {
+        issue_pv(kHalf, pv_stage);
+        wgmma_wait<0>();
+      } else {
+        issue_pv(kWhole, pv_stage);
+        wgmma_wait<0>();
+      }
       pv_done();
       release(v_empty(pv_stage));
       p_pending = false;
+      p_half = false;
     };
 
     // ---- the tiles: each branch waits for every wgmma it issues before it ends (a wgmma in flight across
@@ -655,29 +676,32 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       const bool visible = wg_active && key0 <= wg_pos_hi && !(window > 0 && key_last < wg_pos_lo - window + 1);
       const bool needs_mask = key_last > wg_pos_lo || (window > 0 && key0 < wg_pos_hi - window + 1) ||
                               key0 < w.key_begin || key_last >= w.key_end;
+      // No row of the warpgroup sees the tile's second half: this is its last visible tile (the next one
+      // starts past wg_pos_hi), so its P·V is the flush after the loop or at the next hidden tile.
+      const bool half = kHalfTiles && wg_pos_hi < key0 + kHalf;
       mbarrier_wait(k_full(stage), phase);
       fence_proxy_async_shared();
       float rescale[2];
       // Q·K^T, then the softmax; with a P waiting, its P·V issued behind the Q·K^T runs during the softmax
       // (FlashAttention-3's intra-warpgroup overlap). ptxas makes a branch that joins with a wgmma in flight
       // wait for it at the join, so the only branch between issue and wait is the one placed for that.
-      auto qk_softmax = [&](auto masked) {
+      auto qk_softmax = [&](auto masked, auto cols) {
         wait_turn();
-        issue_qk(stage);
+        issue_qk(cols, stage);
         pass_turn();
         wgmma_wait<0>();
         release(k_empty(stage));
-        softmax(masked, key0, rescale);
+        softmax(masked, cols, key0, rescale);
         if (any_rescale(rescale)) rescale_o(rescale);
       };
-      auto qk_softmax_over_pv = [&](auto masked) {
+      auto qk_softmax_over_pv = [&](auto masked, auto cols) {  // the pending P is a whole tile's
         wait_turn();
-        issue_qk(stage);
-        issue_pv(pv_stage);
+        issue_qk(cols, stage);
+        issue_pv(kWhole, pv_stage);
         pass_turn();
         wgmma_wait<1>();  // Q·K^T, committed first, has landed
         release(k_empty(stage));
-        softmax(masked, key0, rescale);
+        softmax(masked, cols, key0, rescale);
         // The rescale vote's branch closes the softmax's basic block and joins where the P·V wait belongs.
         // Without it ptxas hoists the wait into the softmax's block, ~40 instructions after the Q·K^T wait,
         // and the exponentials wait for the P·V they were meant to overlap.
@@ -688,20 +712,36 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         }
         wgmma_wait<0>();
       };
-      if (visible && p_pending) {
+      // A half tile is its own branch, first, so that the whole tiles' paths stay as they were without it.
+      if (visible && half) {
+        if (p_pending) {
+          mbarrier_wait(v_full(pv_stage), pv_phase);
+          fence_proxy_async_shared();
+          qk_softmax_over_pv(std::true_type{}, kHalf);
+          pv_done();
+          release(v_empty(pv_stage));
+        } else {
+          qk_softmax(std::true_type{}, kHalf);
+        }
+        pack_p(kHalf);
+        p_pending = true;
+        p_half = true;
+        pv_stage = stage;
+        pv_phase = phase;
+      } else if (visible && p_pending) {
         mbarrier_wait(v_full(pv_stage), pv_phase);
         fence_proxy_async_shared();
-        if (needs_mask) qk_softmax_over_pv(std::true_type{});
-        else qk_softmax_over_pv(std::false_type{});
+        if (needs_mask) qk_softmax_over_pv(std::true_type{}, kWhole);
+        else qk_softmax_over_pv(std::false_type{}, kWhole);
         pv_done();
         release(v_empty(pv_stage));
-        pack_p();
+        pack_p(kWhole);
         pv_stage = stage;
         pv_phase = phase;
       } else if (visible) {
-        if (needs_mask) qk_softmax(std::true_type{});
-        else qk_softmax(std::false_type{});
-        pack_p();
+        if (needs_mask) qk_softmax(std::true_type{}, kWhole);
+        else qk_softmax(std::false_type{}, kWhole);
+        pack_p(kWhole);
         p_pending = true;
         pv_stage = stage;
         pv_phase = phase;

@@ -35,9 +35,11 @@ def debug_checks_enabled() -> bool:
     return _ops.debug_checks_enabled()
 
 
-def prefill_q_tma_launches() -> int:
-    """Prompt-kernel launches so far that loaded Q by TMA (else by cp.async, same results)."""
-    return _ops.prefill_q_tma_launches()
+def prefill_launch_counts() -> tuple[int, int]:
+    """Prompt-kernel launches so far that loaded Q by TMA (else by cp.async), and that ran half-width
+    diagonal tiles (same results either way)."""
+    q_by_tma, half_tiles = _ops.prefill_launch_counts()
+    return q_by_tma, half_tiles
 
 
 # ---- attention -------------------------------------------------------------------------------------

@@ -46,15 +46,17 @@ def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
 
 # On an sm_90 GPU (with sm_90a code) prompt chunks run wgmma_ws_prefill_kernel.cuh (warp-specialized);
 # PAGEDINFER_PREFILL_KERNEL=mma (read by the launcher at every call) selects the mma.sync kernel instead,
-# the one other GPUs run. Tests with prompt chunks run under both (PREFILL_KERNELS). On the CPU every choice
-# takes the same path: the CPU runs only the first (tests/conftest.py deselects the other).
+# the one other GPUs run, and =wgmma_ws_whole the wgmma kernel without half-width diagonal tiles (which the
+# launcher otherwise uses for prompts of up to 1,024 tokens). Tests with prompt chunks run under all three
+# (PREFILL_KERNELS). On the CPU every choice takes the same path: the CPU runs only the first
+# (tests/conftest.py deselects the others).
 @pytest.fixture
 def prefill_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("PAGEDINFER_PREFILL_KERNEL", request.param)
     return request.param
 
 
-PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma_ws", "mma"], indirect=True)
+PREFILL_KERNELS = pytest.mark.parametrize("prefill_kernel", ["wgmma_ws", "wgmma_ws_whole", "mma"], indirect=True)
 
 
 # (context_len, q_len) per sequence; PAD: a padded row (seq_len 0). Lengths straddle multiples of
@@ -389,21 +391,27 @@ def test_prefill_many_items_per_cta(prefill_kernel, head_size, sliding_window):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group, block_size, q_by_tma", [
-    (4, 16, True), (1, 32, True), (4, 8, True),  # Llama's group; one query head a kv head; any block size
-    (3, 16, False),                              # 128 rows an item do not start at a token's first head
+@pytest.mark.parametrize("group, block_size, q_len, kernel, q_by_tma, half_tiles", [
+    (4, 16, 257, "wgmma_ws", True, True),    # Llama's group, a short prompt
+    (1, 32, 257, "wgmma_ws", True, True),    # one query head a kv head
+    (4, 8, 257, "wgmma_ws", True, True),     # a block size the kernel reads at run time
+    (3, 16, 257, "wgmma_ws", False, True),   # 128 rows an item do not start at a token's first head
+    (4, 16, 1100, "wgmma_ws", True, False),  # past 1,024 tokens: whole tiles only
+    (4, 16, 257, "wgmma_ws_whole", True, False),
 ])
-def test_prompt_kernel_loads_q_by_tma(monkeypatch, group, block_size, q_by_tma):
-    """On sm_90 the prompt kernel loads each item's Q by TMA where the group divides 128. A map that cannot
-    be made falls back to cp.async with the same results, so the launcher counts the launches that used it."""
+def test_prompt_kernel_launch_choices(monkeypatch, group, block_size, q_len, kernel, q_by_tma, half_tiles):
+    """On sm_90 the prompt kernel loads each item's Q by TMA where the group divides 128, and prompts of up to
+    1,024 tokens run the kernel with half-width diagonal tiles. Neither changes results (a map that cannot be
+    made falls back to cp.async), so the launcher counts the launches that used each."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized prompt kernel runs on sm_90 only")
-    monkeypatch.delenv("PAGEDINFER_PREFILL_KERNEL", raising=False)
-    inputs = make_paged_inputs([(300, 200), (0, 257), (5, 1)], num_heads=2 * group, num_kv_heads=2,
+    monkeypatch.setenv("PAGEDINFER_PREFILL_KERNEL", kernel)
+    inputs = make_paged_inputs([(300, 200), (0, q_len), (5, 1)], num_heads=2 * group, num_kv_heads=2,
                                head_size=128, block_size=block_size, dtype=torch.bfloat16, device="cuda")
-    before = _ops.prefill_q_tma_launches()
+    before = _ops.prefill_launch_counts()
     check_attention(inputs, softmax_scale(128))
-    assert _ops.prefill_q_tma_launches() - before == int(q_by_tma)
+    after = _ops.prefill_launch_counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (int(q_by_tma), int(half_tiles))
 
 
 @pytest.mark.gpu
