@@ -17,14 +17,15 @@
 //       k_full / k_empty [S]     a K slot loaded / read by both consumers' Q·K^T
 //       v_full / v_empty [S]     a V slot loaded / read by both consumers' P·V
 //     Loads complete the "full" barriers by cp.async.mbarrier.arrive (one arrival per producer thread, when
-//     its copies land), Q's by TMA by its transaction bytes; each consumer warp arrives on "empty" once it is done with the slot (8 arrivals).
+//     its copies land; a Q by TMA by its transaction bytes); each consumer warp arrives on "empty" once it
+//     is done with the slot (8 arrivals).
 //   * tiles of 128 keys: S = Q·K^T on wgmma m64n128k16 (head/16 k-steps), O += P·V on m64n{head}k16 (8
-//     k-steps, P from registers, V MN-major; with kHalfTiles a diagonal tile no row sees past key 63 of is
-//     m64n64 and 4 k-steps), the previous tile's P·V issued behind this tile's Q·K^T so it
-//     runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap; see qk_softmax_over_pv
-//     for what keeps ptxas from undoing it), and the two consumer warpgroups issuing their MMAs in turns
-//     (FlashAttention-3's ping-pong); O is rescaled only when a row's reference maximum moves, and it
-//     moves only by more than 2^8 (FlashAttention-4's lazy rescale);
+//     k-steps, P from registers, V MN-major; with kHalfTiles, a last visible tile whose keys 64.. no row of
+//     the warpgroup sees takes m64n64 and 4 k-steps), the previous tile's P·V issued behind this tile's
+//     Q·K^T so it runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap; see
+//     qk_softmax_over_pv for what keeps ptxas from undoing it), and the two consumer warpgroups issuing
+//     their MMAs in turns (FlashAttention-3's ping-pong); O is rescaled only when a row's reference maximum
+//     moves, and it moves only by more than 2^8 (FlashAttention-4's lazy rescale);
 //   * the register file is split by setmaxnreg: the loader keeps few, the consumers hold S, P and O
 //     (64 + 32 + head/2 floats a thread);
 //   * O leaves through 16 staging rows per consumer warp in shared memory (stmatrix, then whole 16-byte
@@ -535,8 +536,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
 
     // Descriptors: one run each (WgmmaDescRun), made at every issue, so that no k-step's descriptor holds
     // registers across the loop (the softmax needs them).
-    // `cols` (compile time): the tile's first kTileKeys (whole tile) or kHalfKeys keys; a half tile fills
-    // s[0 .. kHalfKeys / 2 - 1] (the accumulator layout of the first n-blocks is the same at either width).
+    // `cols` (compile time): the tile's first kWhole (all) or kHalf keys; a half tile fills
+    // s[0 .. kHalf / 2 - 1] (the accumulator layout of the first n-blocks is the same at either width).
     auto issue_qk = [&](auto cols, int st) {
       constexpr int kCols = decltype(cols)::value;
       float(&acc)[kCols / 2] = *reinterpret_cast<float(*)[kCols / 2]>(&s[0]);
