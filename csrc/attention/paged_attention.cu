@@ -251,8 +251,7 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // driver can encode it; else ok = 0 and the kernel copies Q by cp.async.
 template <typename T, int kHeadSize>
 attention::PrefillQMap make_prefill_q_map(const PagedAttentionParams& p) {
-  attention::PrefillQMap q{};
-  q.ok = 0;
+  attention::PrefillQMap q{};  // ok = 0
   const int64_t group = p.num_heads / p.num_kv_heads;
   const auto encode = tensor_map_encoder();
   if (encode == nullptr || 128 % group != 0 || reinterpret_cast<uintptr_t>(p.query) % 16 != 0 ||
@@ -271,6 +270,14 @@ attention::PrefillQMap make_prefill_q_map(const PagedAttentionParams& p) {
   return q;
 }
 
+// PAGEDINFER_PREFILL_KERNEL, read at every launch (a getenv, ~100 ns) so that tests and benches can switch
+// kernels within one process: "mma" (the mma.sync kernel), "wgmma_ws_whole" (the wgmma kernel without half
+// tiles), else the default choice.
+std::string_view prefill_kernel_choice() {
+  const char* env = std::getenv("PAGEDINFER_PREFILL_KERNEL");
+  return env != nullptr ? env : "";
+}
+
 // The warp-specialized wgmma kernel: persistent, one CTA per SM walking the items.
 template <typename T, int kHeadSize, int kBlockSize>
 void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, int device,
@@ -278,11 +285,9 @@ void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_l
   using Cfg = attention::WsPrefillConfig<T, kHeadSize>;
   // Half-width diagonal tiles for short prompts only: on an H200 16 x 512 prompts ran 2-4 % faster with them,
   // one of 8,192 tokens 2 % slower (cause not profiled; there they save under 1 % of the tiles).
-  // PAGEDINFER_PREFILL_KERNEL=wgmma_ws_whole (read at every launch) never uses them: tests run both kernels.
+  // PAGEDINFER_PREFILL_KERNEL=wgmma_ws_whole never uses them: tests run both kernels.
   constexpr int64_t kHalfTilesMaxQueryLen = 1024;
-  const char* env = std::getenv("PAGEDINFER_PREFILL_KERNEL");
-  const bool half_tiles =
-      max_query_len <= kHalfTilesMaxQueryLen && !(env != nullptr && std::string_view(env) == "wgmma_ws_whole");
+  const bool half_tiles = max_query_len <= kHalfTilesMaxQueryLen && prefill_kernel_choice() != "wgmma_ws_whole";
   const auto kernel = half_tiles ? attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize, true>
                                  : attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize, false>;
   const auto [row_tiles, items] = prefill_items(p, max_query_len, Cfg::kRows);
@@ -324,12 +329,8 @@ bool wgmma_prefill_available(int device) {
   return ok;
 }
 
-// The wgmma kernel where it can run, unless PAGEDINFER_PREFILL_KERNEL=mma asks for the mma.sync one (A/B
-// runs). Read at every launch (a getenv, ~100 ns) so tests can switch it.
-bool use_wgmma_prefill(int device) {
-  const char* env = std::getenv("PAGEDINFER_PREFILL_KERNEL");
-  return !(env != nullptr && std::string_view(env) == "mma") && wgmma_prefill_available(device);
-}
+// The wgmma kernel where it can run, unless PAGEDINFER_PREFILL_KERNEL=mma asks for the mma.sync one.
+bool use_wgmma_prefill(int device) { return prefill_kernel_choice() != "mma" && wgmma_prefill_available(device); }
 
 template <typename T, int kHeadSize>
 void launch_prefill_for_head_size(const PagedAttentionParams& p, int64_t max_query_len, bool wgmma, int device,
