@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 from typing import Callable
 
@@ -42,7 +43,9 @@ def time_interleaved(fns: dict[str, Callable[[], None]], calls: int = 20, repeat
                      graph: bool = True) -> dict[str, float]:
     """Median µs per call of each fn over `repeats` interleaved rounds of `calls` calls, each round
     timed with events: a replayed CUDA graph of the calls, or (graph=False) the calls queued eagerly,
-    for ops that copy host data and so are not captured."""
+    for ops that copy host data and so are not captured. Each round runs the fns in its own (seeded)
+    random order: a kernel's time depends on what ran just before it (on an H200 the same prompt kernel
+    measured up to 3 % apart by its place in one fixed order)."""
     if graph:
         graphs = {name: capture(fn, calls) for name, fn in fns.items()}
         rounds = {name: g.replay for name, g in graphs.items()}
@@ -52,8 +55,10 @@ def time_interleaved(fns: dict[str, Callable[[], None]], calls: int = 20, repeat
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for run in rounds.values():  # one untimed round each
         run()
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, run in rounds.items():
+        for name in order.sample(list(rounds), len(rounds)):
+            run = rounds[name]
             start.record()
             run()
             end.record()
