@@ -64,6 +64,7 @@ stage_serve() {
 stage_kernels() {
   $PY bench/bench_paged_attention.py 2>&1 | tee -a "$LOG"
   $PY bench/bench_prefill_attention.py 2>&1 | tee -a "$LOG"
+  $PY bench/bench_prefill_predecessor.py 2>&1 | tee -a "$LOG"
   $PY bench/bench_cache_ops.py 2>&1 | tee -a "$LOG"
 }
 
