@@ -44,8 +44,8 @@ def time_interleaved(fns: dict[str, Callable[[], None]], calls: int = 20, repeat
     """Median µs per call of each fn over `repeats` interleaved rounds of `calls` calls, each round
     timed with events: a replayed CUDA graph of the calls, or (graph=False) the calls queued eagerly,
     for ops that copy host data and so are not captured. Each round runs the fns in its own (seeded)
-    random order: a kernel's time depends on what ran just before it (on an H200 the same prompt kernel
-    measured up to 3 % apart by its place in one fixed order)."""
+    random order: a long kernel's time depends on what ran just before it (the card's power state: on an
+    H200 up to 10 %, bench_prefill_predecessor.py), which one fixed order would carry into the ratios."""
     if graph:
         graphs = {name: capture(fn, calls) for name, fn in fns.items()}
         rounds = {name: g.replay for name, g in graphs.items()}

@@ -669,11 +669,11 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
 
     // ---- the tiles: each branch waits for every wgmma it issues before it ends (a wgmma in flight across
     // a join of divergent paths makes ptxas serialize every wgmma of the kernel) ----
-    // Tiles fast_lo .. fast_hi: every row of the warpgroup sees each of their keys (no mask, whole tiles);
+    // Tiles steady_lo .. steady_hi: every row of the warpgroup sees each of their keys (no mask, whole tiles);
     // the steady-state branch below takes them.
-    const int fast_key0 = max(w.key_begin, window > 0 ? wg_pos_hi - window + 1 : 0);
-    const int fast_lo = (fast_key0 + Cfg::kTileKeys - 1) / Cfg::kTileKeys - w.tile_first;
-    const int fast_hi = wg_active ? min(wg_pos_lo + 1, w.key_end) / Cfg::kTileKeys - 1 - w.tile_first : -1;
+    const int steady_key0 = max(w.key_begin, window > 0 ? wg_pos_hi - window + 1 : 0);
+    const int steady_lo = (steady_key0 + Cfg::kTileKeys - 1) / Cfg::kTileKeys - w.tile_first;
+    const int steady_hi = wg_active ? min(wg_pos_lo + 1, w.key_end) / Cfg::kTileKeys - 1 - w.tile_first : -1;
     for (int i = 0; i < w.num_tiles; ++i) {
       const int key0 = (w.tile_first + i) * Cfg::kTileKeys;
       float rescale[2];
@@ -712,7 +712,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       // fence for K and V. Most tiles of a long prompt are such: on an H200 it took 1 x 8,192 tokens 2-3 %
       // faster. Only in the long prompts' instantiation (no half tiles), so that the short prompts' one
       // stays the code that was measured (its items have a few tiles each).
-      if (!kHalfTiles && p_pending && i >= fast_lo && i <= fast_hi) {
+      if (!kHalfTiles && p_pending && i >= steady_lo && i <= steady_hi) {
         mbarrier_wait(k_full(stage), phase);
         mbarrier_wait(v_full(pv_stage), pv_phase);
         fence_proxy_async_shared();
