@@ -146,6 +146,26 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 #endif
 }
 
+// Does `pred` hold for any of the kThreads threads (whole warps) that meet at named barrier `id`? All of
+// them get the answer, so a branch on it is uniform among them (a wgmma inside one needs that).
+template <int kThreads>
+__device__ __forceinline__ bool barrier_any(int id, bool pred) {
+  uint32_t any = 0;
+#if PAGEDINFER_WGMMA
+  asm volatile(
+      "{\n"
+      ".reg .pred vote, result;\n"
+      "setp.ne.u32 vote, %1, 0;\n"
+      "bar.red.or.pred result, %2, %3, vote;\n"
+      "selp.u32 %0, 1, 0, result;\n"
+      "}\n"
+      : "=r"(any)
+      : "r"(uint32_t(pred)), "r"(id), "n"(kThreads)
+      : "memory");
+#endif
+  return any != 0;
+}
+
 // Gives this warpgroup's registers back (producer) or takes them (consumers): all warps of a warpgroup
 // execute the same one. kRegs: a multiple of 8 in [24, 256].
 template <int kRegs>

@@ -25,7 +25,9 @@
 //     Q·K^T so it runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap; see
 //     qk_softmax_over_pv for what keeps ptxas from undoing it), and the two consumer warpgroups issuing
 //     their MMAs in turns (FlashAttention-3's ping-pong); O is rescaled only when a row's reference maximum
-//     moves, and it moves only by more than 2^8 (FlashAttention-4's lazy rescale);
+//     moves, and it moves only by more than 2^8 (FlashAttention-4's lazy rescale); on tiles every row
+//     sees whole the softmax takes no maximum at all: the exponentials run against the reference, and the
+//     warpgroup redoes the tile with the maximum only where a P would pass 2^8;
 //   * the register file is split by setmaxnreg: the loader keeps few, the consumers hold S, P and O
 //     (64 + 32 + head/2 floats a thread);
 //   * O leaves through 16 staging rows per consumer warp in shared memory (stmatrix, then whole 16-byte
@@ -631,6 +633,30 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         row_sum[h] = row_sum[h] * rescale[h] + sum;
       }
     };
+    // The steady state's softmax, without the maximum: S -> P against the rows' current references, and
+    // this thread's share of each row's tile sum. A P is at most the share it is part of, so shares of at
+    // most 2^kRescaleSlackLog2 say what the maximum would have (no reference moves; a score past the
+    // reference by 128 or more in log2 units makes its share infinite). The maximum's 66 FMNMX and 4
+    // shuffles stood between the Q·K^T and the first exponential.
+    auto exp_at_reference = [&](float (&tile_sum)[2]) {
+#pragma unroll
+      for (int i = 0; i < kSRegs; ++i) wgmma_fence_operand(s[i]);
+      constexpr int kChains = 4;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // A row with no reference yet (max -inf) gets +inf exponents: its share is infinite, and it redoes.
+        const float ref = row_max[h] * p.scale_log2;
+        float chain_sum[kChains];
+#pragma unroll
+        for (int j = 0; j < kSRegs / 4; ++j) {
+          s[4 * j + 2 * h] = fast_exp2(fmaf(s[4 * j + 2 * h], p.scale_log2, -ref));
+          s[4 * j + 2 * h + 1] = fast_exp2(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -ref));
+          const float pair_sum = s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+          chain_sum[j % kChains] = j < kChains ? pair_sum : chain_sum[j % kChains] + pair_sum;
+        }
+        tile_sum[h] = (chain_sum[0] + chain_sum[1]) + (chain_sum[2] + chain_sum[3]);
+      }
+    };
     // Does any row of this warp move its reference (O to rescale)? With the lazy rescale, rarely.
     auto any_rescale = [&](const float (&rescale)[2]) {
       return __any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f);
@@ -707,16 +733,47 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         }
         wgmma_wait<0>();
       };
+      // The steady state's Q·K^T and softmax: exponentials at once, no maximum. Where a share passes
+      // 2^kRescaleSlackLog2 (a reference must move, or a row has none yet) the warpgroup computes S again
+      // from K (its slot is released only after the vote) and takes the full softmax. The vote is the
+      // warpgroup's (named barrier 4 + wg): a wgmma is issued by all four of its warps or by none.
+      auto qk_exp_over_pv = [&]() {
+        wait_turn();
+        issue_qk(kWhole, stage);
+        issue_pv(kWhole, pv_stage);
+        pass_turn();
+        wgmma_wait<1>();  // Q·K^T, committed first, has landed
+        float tile_sum[2];
+        exp_at_reference(tile_sum);
+        constexpr float kShareCap = float(1 << int(kRescaleSlackLog2));
+        const bool redo = !(tile_sum[0] <= kShareCap && tile_sum[1] <= kShareCap);
+        const bool redo_any = barrier_any<128>(4 + wg, redo);
+        wgmma_wait<0>();  // the P·V
+        // Nothing in flight past here: a wgmma issued in a branch that joins with another in flight
+        // serializes every wgmma of the kernel (ptxas C7515).
+        if (redo_any) {
+          pv_done();
+          issue_qk(kWhole, stage);
+          wgmma_wait<0>();
+          softmax(std::false_type{}, kWhole, key0, rescale);
+          if (any_rescale(rescale)) rescale_o(rescale);
+        } else {
+          row_sum[0] += tile_sum[0];
+          row_sum[1] += tile_sum[1];
+        }
+        release(k_empty(stage));
+      };
       // The steady state, first and apart: a whole unmasked tile after a visible one (P pending, a whole
-      // tile's: a half tile is the warpgroup's last visible), without the checks below and with one proxy
-      // fence for K and V. Most tiles of a long prompt are such: on an H200 it took 1 x 8,192 tokens 2-3 %
-      // faster. Only in the long prompts' instantiation (no half tiles), so that the short prompts' one
-      // stays the code that was measured (its items have a few tiles each).
+      // tile's: a half tile is the warpgroup's last visible), without the checks below, with one proxy
+      // fence for K and V, and with the softmax that skips the maximum. Most tiles of a long prompt are
+      // such: on an H200 the branch took 1 x 8,192 tokens 2-3 % faster, and the softmax without the
+      // maximum 8 % more. Only in the long prompts' instantiation (no half tiles), so that the short
+      // prompts' one stays the code that was measured (its items have a few tiles each).
       if (!kHalfTiles && p_pending && i >= steady_lo && i <= steady_hi) {
         mbarrier_wait(k_full(stage), phase);
         mbarrier_wait(v_full(pv_stage), pv_phase);
         fence_proxy_async_shared();
-        qk_softmax_over_pv(std::false_type{}, kWhole);
+        qk_exp_over_pv();
         pv_done();
         release(v_empty(pv_stage));
         pack_p(kWhole);

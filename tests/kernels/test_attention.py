@@ -371,6 +371,26 @@ def test_prefill_tiling(prefill_kernel, case, group, head_size, block_size, dtyp
 
 @PREFILL_KERNELS
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scores_that_jump_from_tile_to_tile(prefill_kernel, dtype):
+    """Random data moves a row's softmax reference (its running maximum) by a few log2 units at most; here
+    it jumps by 18, 36, 72 and 144 from one 128-key tile to the next: O and the row sums must follow each
+    move, also where an exponential against the old reference would overflow (144 >= 128). Queries share a
+    mean direction (all ones); one key a tile points along it, its length doubling from tile to tile."""
+    inputs = make_paged_inputs([(0, 1100), (600, 300)], num_heads=8, num_kv_heads=2, head_size=128,
+                               block_size=16, dtype=dtype, device="cuda")
+    inputs.query.mul_(0.25).add_(1.0)
+    keys = inputs.kv_cache[0]  # [num_blocks, block_size, num_kv_heads, head_size]
+    keys.mul_(0.25)
+    for table, seq_len in zip(inputs.block_tables.tolist(), inputs.seq_lens.tolist()):
+        for tile, pos in enumerate(range(37, seq_len, 128)):
+            slot = token_slot(table, pos, 16)
+            keys[slot // 16, slot % 16] = 2.0 ** (tile % 5)  # score ~128 x that: 18 x it in log2 units
+    check_attention(inputs, softmax_scale(128))
+
+
+@PREFILL_KERNELS
+@pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [-1, 64])
 @pytest.mark.parametrize("head_size", [128, 64])
 def test_prefill_many_items_per_cta(prefill_kernel, head_size, sliding_window):
