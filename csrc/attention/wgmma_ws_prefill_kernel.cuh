@@ -25,9 +25,9 @@
 //     Q·K^T so it runs during this tile's softmax (FlashAttention-3's intra-warpgroup overlap; see
 //     qk_softmax_over_pv for what keeps ptxas from undoing it), and the two consumer warpgroups issuing
 //     their MMAs in turns (FlashAttention-3's ping-pong); O is rescaled only when a row's reference maximum
-//     moves, and it moves only by more than 2^8 (FlashAttention-4's lazy rescale); on tiles every row
-//     sees whole the softmax takes no maximum at all: the exponentials run against the reference, and the
-//     warpgroup redoes the tile with the maximum only where a P would pass 2^8;
+//     moves, and it moves only by more than 2^8 (FlashAttention-4's lazy rescale); in the long prompts'
+//     instantiation, tiles every row sees whole take no maximum at all: the exponentials run against the
+//     reference, and the warpgroup redoes the tile with the maximum only where a P would pass 2^8;
 //   * the register file is split by setmaxnreg: the loader keeps few, the consumers hold S, P and O
 //     (64 + 32 + head/2 floats a thread);
 //   * O leaves through 16 staging rows per consumer warp in shared memory (stmatrix, then whole 16-byte
@@ -635,7 +635,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     };
     // The steady state's softmax, without the maximum: S -> P against the rows' current references, and
     // this thread's share of each row's tile sum. A P is at most the share it is part of, so shares of at
-    // most 2^kRescaleSlackLog2 say what the maximum would have (no reference moves; a score past the
+    // most 2^kRescaleSlackLog2 tell what the maximum's test would (no reference moves; a score past the
     // reference by 128 or more in log2 units makes its share infinite). The maximum's 66 FMNMX and 4
     // shuffles stood between the Q·K^T and the first exponential.
     auto exp_at_reference = [&](float (&tile_sum)[2]) {
