@@ -376,7 +376,8 @@ def test_scores_that_jump_from_tile_to_tile(prefill_kernel, dtype):
     """Random data moves a row's softmax reference (its running maximum) by a few log2 units at most; here
     it jumps by 18, 36, 72 and 144 from one 128-key tile to the next: O and the row sums must follow each
     move, also where an exponential against the old reference would overflow (144 >= 128). Queries share a
-    mean direction (all ones); one key a tile points along it, its length doubling from tile to tile."""
+    mean direction (all ones); one key a tile points along it, its length doubling from tile to tile over
+    cycles of five tiles."""
     inputs = make_paged_inputs([(0, 1100), (600, 300)], num_heads=8, num_kv_heads=2, head_size=128,
                                block_size=16, dtype=dtype, device="cuda")
     inputs.query.mul_(0.25).add_(1.0)
