@@ -578,6 +578,22 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         for (int i = 0; i < 4; ++i) wgmma_fence_operand(pa[kk][i]);
       }
     };
+    // Row half h (rows g, g + 8) of the tile's first `cols` keys: S -> P = exp2(S * scale_log2 - ref), and
+    // this thread's sum of them, in 4 independent chains (one chain is 32 dependent instructions, and two
+    // warps a scheduler leave its latency bare; each starts from its first pair: 0 + x is not folded away).
+    auto exp_and_sum = [&](auto cols, int h, float ref) {
+      constexpr int kBlocks = decltype(cols)::value / 8;  // n-blocks of 8 keys: s[4 j .. 4 j + 3]
+      constexpr int kChains = 4;
+      float chain_sum[kChains];
+#pragma unroll
+      for (int j = 0; j < kBlocks; ++j) {
+        s[4 * j + 2 * h] = fast_exp2(fmaf(s[4 * j + 2 * h], p.scale_log2, -ref));
+        s[4 * j + 2 * h + 1] = fast_exp2(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -ref));
+        const float pair_sum = s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+        chain_sum[j % kChains] = j < kChains ? pair_sum : chain_sum[j % kChains] + pair_sum;
+      }
+      return (chain_sum[0] + chain_sum[1]) + (chain_sum[2] + chain_sum[3]);
+    };
     // Mask and online softmax of S (landed) for keys key0 ..: s becomes P (unnormalized), row_max and
     // row_sum advance; O's rescale factors are returned, not applied (a P·V may still be writing O).
     // kMasked is a compile-time constant, and the mask is selects, no branch: this runs while a P·V is in
@@ -597,13 +613,12 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
           }
         }
       }
-      // The row's 4 threads (a quad) hold its 128 scores, 32 each (64, 16 of a half tile). Maxima and sums in
-      // kChains independent chains: one chain is 32 dependent instructions, and two warps a scheduler leave
-      // its latency bare.
+      // The row's 4 threads (a quad) hold its 128 scores, 32 each (64, 16 of a half tile). Maxima in kChains
+      // independent chains, as exp_and_sum's sums.
       constexpr int kChains = 4;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        // Each chain starts from its first pair (fmaxf(-inf, x) and 0 + x are not folded away).
+        // Each chain starts from its first pair (fmaxf(-inf, x) is not folded away).
         float chain_max[kChains];
 #pragma unroll
         for (int j = 0; j < kBlocks; ++j) {
@@ -621,16 +636,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         const float ref = new_max == -INFINITY ? 0.f : new_max * p.scale_log2;
         rescale[h] = row_max[h] == new_max ? 1.f : fast_exp2(row_max[h] * p.scale_log2 - ref);
         row_max[h] = new_max;
-        float chain_sum[kChains];
-#pragma unroll
-        for (int j = 0; j < kBlocks; ++j) {
-          s[4 * j + 2 * h] = fast_exp2(fmaf(s[4 * j + 2 * h], p.scale_log2, -ref));
-          s[4 * j + 2 * h + 1] = fast_exp2(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -ref));
-          const float pair_sum = s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
-          chain_sum[j % kChains] = j < kChains ? pair_sum : chain_sum[j % kChains] + pair_sum;
-        }
-        const float sum = (chain_sum[0] + chain_sum[1]) + (chain_sum[2] + chain_sum[3]);
-        row_sum[h] = row_sum[h] * rescale[h] + sum;
+        row_sum[h] = row_sum[h] * rescale[h] + exp_and_sum(cols, h, ref);
       }
     };
     // The steady state's softmax, without the maximum: S -> P against the rows' current references, and
@@ -641,20 +647,10 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     auto exp_at_reference = [&](float (&tile_sum)[2]) {
 #pragma unroll
       for (int i = 0; i < kSRegs; ++i) wgmma_fence_operand(s[i]);
-      constexpr int kChains = 4;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         // A row with no reference yet (max -inf) gets +inf exponents: its share is infinite, and it redoes.
-        const float ref = row_max[h] * p.scale_log2;
-        float chain_sum[kChains];
-#pragma unroll
-        for (int j = 0; j < kSRegs / 4; ++j) {
-          s[4 * j + 2 * h] = fast_exp2(fmaf(s[4 * j + 2 * h], p.scale_log2, -ref));
-          s[4 * j + 2 * h + 1] = fast_exp2(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -ref));
-          const float pair_sum = s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
-          chain_sum[j % kChains] = j < kChains ? pair_sum : chain_sum[j % kChains] + pair_sum;
-        }
-        tile_sum[h] = (chain_sum[0] + chain_sum[1]) + (chain_sum[2] + chain_sum[3]);
+        tile_sum[h] = exp_and_sum(kWhole, h, row_max[h] * p.scale_log2);
       }
     };
     // Does any row of this warp move its reference (O to rescale)? With the lazy rescale, rarely.
