@@ -596,9 +596,10 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     };
     // Mask and online softmax of S (landed) for keys key0 ..: s becomes P (unnormalized), row_max and
     // row_sum advance; O's rescale factors are returned, not applied (a P·V may still be writing O).
+    // A reference moves where the tile's maximum passes it by more than `slack` (raw score units).
     // kMasked is a compile-time constant, and the mask is selects, no branch: this runs while a P·V is in
     // flight, and a branch that joins there makes ptxas wait for that P·V first (no overlap left).
-    auto softmax = [&](auto masked, auto cols, int key0, float (&rescale)[2]) {
+    auto softmax = [&](auto masked, auto cols, int key0, float (&rescale)[2], float slack) {
       constexpr bool kMasked = decltype(masked)::value;
       constexpr int kBlocks = decltype(cols)::value / 8;  // n-blocks of 8 keys: s[4 j .. 4 j + 3]
 #pragma unroll
@@ -628,10 +629,10 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         float tile_max = fmaxf(fmaxf(chain_max[0], chain_max[1]), fmaxf(chain_max[2], chain_max[3]));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        // The reference moves only when the tile's maximum passes it by more than rescale_slack
-        // (FlashAttention-4's lazy rescale): P stays <= 2^kRescaleSlackLog2, which bf16, fp16 and the fp32
-        // sums hold with room, and O's rescale (a multiply of the whole accumulator) is skipped.
-        const float new_max = tile_max > row_max[h] + rescale_slack ? tile_max : row_max[h];
+        // With slack rescale_slack (FlashAttention-4's lazy rescale) P stays <= 2^kRescaleSlackLog2, which
+        // bf16, fp16 and the fp32 sums hold with room, and O's rescale (a multiply of the whole accumulator)
+        // is mostly skipped.
+        const float new_max = tile_max > row_max[h] + slack ? tile_max : row_max[h];
         // A row with no visible key yet keeps max -inf; subtracting 0 then keeps every exp2 at 0, not NaN.
         const float ref = new_max == -INFINITY ? 0.f : new_max * p.scale_log2;
         rescale[h] = row_max[h] == new_max ? 1.f : fast_exp2(row_max[h] * p.scale_log2 - ref);
@@ -708,7 +709,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         pass_turn();
         wgmma_wait<0>();
         release(k_empty(stage));
-        softmax(masked, cols, key0, rescale);
+        softmax(masked, cols, key0, rescale, rescale_slack);
         if (any_rescale(rescale)) rescale_o(rescale);
       };
       auto qk_softmax_over_pv = [&](auto masked, auto cols) {  // the pending P is a whole tile's
@@ -718,7 +719,7 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         pass_turn();
         wgmma_wait<1>();  // Q·K^T, committed first, has landed
         release(k_empty(stage));
-        softmax(masked, cols, key0, rescale);
+        softmax(masked, cols, key0, rescale, rescale_slack);
         // The rescale vote's branch closes the softmax's basic block and joins where the P·V wait belongs.
         // Without it ptxas hoists the wait into the softmax's block, ~40 instructions after the Q·K^T wait,
         // and the exponentials wait for the P·V they were meant to overlap.
@@ -751,7 +752,10 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
           pv_done();
           issue_qk(kWhole, stage);
           wgmma_wait<0>();
-          softmax(std::false_type{}, kWhole, key0, rescale);
+          // Slack 0: each reference moves to its row's maximum so far. With the lazy slack a row whose
+          // scores sit a few log2 units over its reference, never 8, would pass the share every tile and
+          // redo every tile; from the maximum, the next redo needs a score past it by ~3.
+          softmax(std::false_type{}, kWhole, key0, rescale, 0.f);
           if (any_rescale(rescale)) rescale_o(rescale);
         } else {
           row_sum[0] += tile_sum[0];
