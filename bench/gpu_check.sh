@@ -65,6 +65,7 @@ stage_kernels() {
   $PY bench/bench_paged_attention.py 2>&1 | tee -a "$LOG"
   $PY bench/bench_prefill_attention.py 2>&1 | tee -a "$LOG"
   $PY bench/bench_prefill_predecessor.py 2>&1 | tee -a "$LOG"
+  $PY bench/bench_prefill_drift.py 2>&1 | tee -a "$LOG"
   $PY bench/bench_cache_ops.py 2>&1 | tee -a "$LOG"
 }
 
