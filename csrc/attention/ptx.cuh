@@ -35,6 +35,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 1/x on the special-function unit (~1 ulp): one MUFU, where 1.f / x or __frcp_rn add a Newton step and a
+// slow path for denormals.
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---- asynchronous copies (cp.async) ------------------------------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
