@@ -10,10 +10,9 @@ namespace pagedinfer {
 struct FastDivisor {
   uint32_t multiplier;  // 2^32 (2^shift - d) / d + 1, < 2^32
   uint32_t shift;       // ceil(log2 d)
-  int divisor;
 
   // d >= 1.
-  __device__ __forceinline__ explicit FastDivisor(int d) : divisor(d) {
+  __device__ __forceinline__ explicit FastDivisor(int d) {
     shift = 32u - __clz(uint32_t(d - 1));  // 0 for d = 1
     multiplier = uint32_t((uint64_t(1) << 32) * ((uint64_t(1) << shift) - uint64_t(d)) / uint64_t(d) + 1);
   }
