@@ -1,5 +1,5 @@
 // Thin wrappers over the PTX instructions the attention kernels use (sm_80+): asynchronous copies into
-// shared memory, ldmatrix, the m16n8k16 tensor-core MMA, exp2, and the fp16/bf16 <-> fp32 conversions.
+// shared memory, ldmatrix, the m16n8k16 tensor-core MMA, exp2 and 1/x, and the fp16/bf16 <-> fp32 conversions.
 // No torch headers.
 #pragma once
 
