@@ -26,7 +26,7 @@ import bench_prefill_attention as prefill  # noqa: E402
 from common import card_name, print_table, time_interleaved, write_json  # noqa: E402
 
 PROMPT = 8192
-DRIFT_LOG2 = 7.0  # below the lazy slack of 8: rows never rescale on their own, they only redo
+DRIFT_LOG2 = 7.0  # below the lazy slack of 8: only the redo moves these rows' references
 
 
 def drifting(step: prefill.PagedStep) -> None:
