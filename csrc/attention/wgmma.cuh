@@ -184,9 +184,10 @@ __device__ __forceinline__ void warpgroup_claim_registers() {
 // ---- the MMAs: m64nNk16 with fp32 accumulators, N = 64 or 128 ----------------------------------------------
 // Wgmma<T, N>::ss        d += A[64 x 16] * B[16 x N], A and B in shared memory, both K-major
 // Wgmma<T, N>::ss_first  d = A * B (d written only: the compiler need not keep or initialize it)
-// Wgmma<T, N>::rs_tn     d += A * B, A from registers (the m16n8k16 A fragment of the thread's warp's 16
-//                        rows: a[0] (row g, k 2t..2t+1), a[1] (row g+8, ..), a[2] (row g, k 2t+8..),
-//                        a[3] (row g+8, k 2t+8..)), B in shared memory MN-major (tnspB = 1: N contiguous)
+// Wgmma<T, N>::rs_tn     d += A * B (d = A * B where accumulate is 0: d need not be initialized), A from
+//                        registers (the m16n8k16 A fragment of the thread's warp's 16 rows: a[0] (row g,
+//                        k 2t..2t+1), a[1] (row g+8, ..), a[2] (row g, k 2t+8..), a[3] (row g+8, k 2t+8..)),
+//                        B in shared memory MN-major (tnspB = 1: N contiguous)
 // d: N / 2 floats per thread; element 4j + e is row g + 8 (e / 2) of the warp's 16, column 8j + 2t + e % 2.
 template <typename T, int N>
 struct Wgmma;
@@ -210,7 +211,7 @@ struct Wgmma;
                "wgmma.mma_async.sync.aligned." SHAPE ".f32." PTX "." PTX " " REGS ", {%" A0 ", %" A1           \
                ", %" A2 ", %" A3 "}, %" B ", p, 1, 1, 1;\n}\n"                                             \
                : ACC("+f", d)                                                                              \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
 #else
 #define PI_WGMMA_SS(...)
 #define PI_WGMMA_RS_TN(...)
@@ -227,7 +228,8 @@ struct Wgmma;
     static __device__ __forceinline__ void ss_first(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {    \
       PI_WGMMA_SS(SHAPE, PTX, REGS, ACC, "=f", D0, D1, D2, 0);                                               \
     }                                                                                                        \
-    static __device__ __forceinline__ void rs_tn(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) { \
+    static __device__ __forceinline__ void rs_tn(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,   \
+                                                 int accumulate = 1) {                                       \
       PI_WGMMA_RS_TN(SHAPE, PTX, REGS, ACC, D0, D1, D2, D3, D4, D5);                                         \
     }                                                                                                        \
   };

@@ -528,9 +528,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
       key_lo[h] = window > 0 ? key_hi[h] - window : -1;
     }
 
-    float o[kORegs];
-#pragma unroll
-    for (int i = 0; i < kORegs; ++i) o[i] = 0.f;
+    float o[kORegs];  // not zeroed: the item's first P·V writes it (scale-d 0), later ones add
+    bool o_fresh = true;  // no P·V has written O yet this item
     float row_max[2] = {-INFINITY, -INFINITY};  // running reference (raw scores; <= the max, see softmax)
     float row_sum[2] = {0.f, 0.f};              // this thread's share of the running sums
     float s[kSRegs];                            // S, then P, of the current tile (accumulator layout)
@@ -569,9 +568,10 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < decltype(cols)::value / 16; ++kk) {
         const uint64_t dv = v_run.at(kk * 16 * Cfg::kRowBytes);
-        Wgmma<T, kHeadSize>::rs_tn(o, pa[kk], dv);
+        Wgmma<T, kHeadSize>::rs_tn(o, pa[kk], dv, kk == 0 ? int(!o_fresh) : 1);
       }
       wgmma_commit();
+      o_fresh = false;
     };
     auto pv_done = [&]() {
 #pragma unroll
@@ -714,7 +714,8 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
         wgmma_wait<0>();
         release(k_empty(stage));
         softmax(masked, cols, key0, rescale, rescale_slack);
-        if (any_rescale(rescale)) rescale_o(rescale);
+        // No rescale of O: with no P pending this is the warpgroup's first visible tile (its visible tiles
+        // are consecutive, and a flush comes only after the last), so no P·V has written O yet.
       };
       auto qk_softmax_over_pv = [&](auto masked, auto cols) {  // the pending P is a whole tile's
         wait_turn();
@@ -847,6 +848,10 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
     // shared memory: the accumulator gives a thread 4-byte pieces of 8 rows (stored as they are, each store
     // half-fills 8 sectors), the staged rows leave as whole 16-byte chunks, 4 rows a store ----
     if (!wg_active) continue;
+    if (o_fresh) {  // no visible key (keys clipped to the block table): zeros, not unwritten registers
+#pragma unroll
+      for (int i = 0; i < kORegs; ++i) o[i] = 0.f;
+    }
     float inv[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
