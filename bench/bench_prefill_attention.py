@@ -20,7 +20,7 @@ FLOPs: 4 * head_size * num_heads * sum over query tokens of the keys each sees (
 warp-specialized wgmma kernel on an H100 built for 9.0a); "ours_mma": the mma.sync kernel
 (PAGEDINFER_PREFILL_KERNEL=mma, read by the launcher at every call, so both are timed in the same run; it
 must agree with "ours"); "ours_wgmma_ws_whole": the wgmma kernel without the half-width diagonal tiles it
-uses for prompts of up to 1,024 tokens (=wgmma_ws_whole)
+uses where no sequence sees over 1,024 keys (=wgmma_ws_whole)
 
 Prints a table and writes $OUT/bench_prefill_attention.json. Run: python bench/bench_prefill_attention.py
 (PAGEDINFER_PREFILL_WARP_ROWS=16 for the kernel's other warp shape: $OUT/bench_prefill_attention_warp16.json)

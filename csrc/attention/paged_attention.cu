@@ -283,11 +283,15 @@ template <typename T, int kHeadSize, int kBlockSize>
 void launch_ws_prefill_kernel(const PagedAttentionParams& p, int64_t max_query_len, int device,
                               cudaStream_t stream) {
   using Cfg = attention::WsPrefillConfig<T, kHeadSize>;
-  // Half-width diagonal tiles for short prompts only: on an H200 16 x 512 prompts ran 2-4 % faster with them,
-  // one of 8,192 tokens 2 % slower (cause not profiled; there they save under 1 % of the tiles).
+  // Half-width diagonal tiles where items have few tiles: where no sequence sees more than 1,024 keys (the
+  // block table's width bounds them; the engine sizes it for the step's longest sequence). The other
+  // instantiation has the steady state (whole tiles without maxima), which pays over many tiles. On an H200
+  // 16 x 512 prompts ran 4 % faster with half tiles, 8 x 512 over 4,096 6 % slower (1 x 8,192 2 % slower,
+  // in an earlier A/B).
   // PAGEDINFER_PREFILL_KERNEL=wgmma_ws_whole never uses them: tests run both kernels.
-  constexpr int64_t kHalfTilesMaxQueryLen = 1024;
-  const bool half_tiles = max_query_len <= kHalfTilesMaxQueryLen && prefill_kernel_choice() != "wgmma_ws_whole";
+  constexpr int64_t kHalfTilesMaxKeys = 1024;
+  const bool half_tiles = int64_t(p.max_blocks_per_seq) * p.block_size <= kHalfTilesMaxKeys &&
+                          prefill_kernel_choice() != "wgmma_ws_whole";
   const auto kernel = half_tiles ? attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize, true>
                                  : attention::wgmma_ws_prefill_attention_kernel<T, kHeadSize, kBlockSize, false>;
   const auto [row_tiles, items] = prefill_items(p, max_query_len, Cfg::kRows);

@@ -47,7 +47,7 @@ def check_attention(inputs: PagedInputs, scale: float, sliding_window: int = -1,
 # On an sm_90 GPU (with sm_90a code) prompt chunks run wgmma_ws_prefill_kernel.cuh (warp-specialized);
 # PAGEDINFER_PREFILL_KERNEL=mma (read by the launcher at every call) selects the mma.sync kernel instead,
 # the one other GPUs run, and =wgmma_ws_whole the wgmma kernel without half-width diagonal tiles (which the
-# launcher otherwise uses for prompts of up to 1,024 tokens). Tests with prompt chunks run under all three
+# launcher otherwise uses where no sequence sees over 1,024 keys). Tests with prompt chunks run under all three
 # (PREFILL_KERNELS). On the CPU every choice takes the same path: the CPU runs only the first
 # (tests/conftest.py deselects the others).
 @pytest.fixture
@@ -412,22 +412,25 @@ def test_prefill_many_items_per_cta(prefill_kernel, head_size, sliding_window):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group, block_size, q_len, kernel, q_by_tma, half_tiles", [
-    (4, 16, 257, "wgmma_ws", True, True),    # Llama's group, a short prompt
-    (1, 32, 257, "wgmma_ws", True, True),    # one query head a kv head
-    (4, 8, 257, "wgmma_ws", True, True),     # a block size the kernel reads at run time
-    (3, 16, 257, "wgmma_ws", False, True),   # 128 rows an item do not start at a token's first head
-    (4, 16, 1100, "wgmma_ws", True, False),  # past 1,024 tokens: whole tiles only
-    (4, 16, 257, "wgmma_ws_whole", True, False),
+@pytest.mark.parametrize("group, block_size, context, q_len, kernel, q_by_tma, half_tiles", [
+    (4, 16, 300, 257, "wgmma_ws", True, True),    # Llama's group, a short prompt
+    (1, 32, 300, 257, "wgmma_ws", True, True),    # one query head a kv head
+    (4, 8, 300, 257, "wgmma_ws", True, True),     # a block size the kernel reads at run time
+    (3, 16, 300, 257, "wgmma_ws", False, True),   # 128 rows an item do not start at a token's first head
+    (4, 16, 300, 1100, "wgmma_ws", True, False),  # past 1,024 keys: whole tiles only
+    (4, 16, 900, 257, "wgmma_ws", True, False),   # a short chunk over a context: past 1,024 keys too
+    (4, 16, 300, 257, "wgmma_ws_whole", True, False),
 ])
-def test_prompt_kernel_launch_choices(monkeypatch, group, block_size, q_len, kernel, q_by_tma, half_tiles):
-    """On sm_90 the prompt kernel loads each item's Q by TMA where the group divides 128, and prompts of up to
-    1,024 tokens run the kernel with half-width diagonal tiles. Neither changes results (a map that cannot be
-    made falls back to cp.async), so the launcher counts the launches that used each."""
+def test_prompt_kernel_launch_choices(monkeypatch, group, block_size, context, q_len, kernel, q_by_tma,
+                                      half_tiles):
+    """On sm_90 the prompt kernel loads each item's Q by TMA where the group divides 128, and steps whose
+    block table holds at most 1,024 keys a sequence run the kernel with half-width diagonal tiles. Neither
+    changes results (a map that cannot be made falls back to cp.async), so the launcher counts the launches
+    that used each."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized prompt kernel runs on sm_90 only")
     monkeypatch.setenv("PAGEDINFER_PREFILL_KERNEL", kernel)
-    inputs = make_paged_inputs([(300, 200), (0, q_len), (5, 1)], num_heads=2 * group, num_kv_heads=2,
+    inputs = make_paged_inputs([(context, 200), (0, q_len), (5, 1)], num_heads=2 * group, num_kv_heads=2,
                                head_size=128, block_size=block_size, dtype=torch.bfloat16, device="cuda")
     before = _ops.prefill_launch_counts()
     check_attention(inputs, softmax_scale(128))
