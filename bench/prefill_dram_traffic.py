@@ -13,6 +13,7 @@ usage: python bench/prefill_dram_traffic.py [SHAPE ...]     writes $OUT/prefill_
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import os
 import shutil
@@ -32,7 +33,9 @@ KERNELS = "regex:wgmma_ws|sdpa|flash|fmha"  # ours, cuDNN's and FlashAttention's
 def probe(shape: str) -> None:
     step = prefill.PagedStep(prefill.SHAPES[shape])
     step.run()
-    baseline, _, _ = prefill.make_baseline(step, None, False)
+    baseline, note, _ = prefill.make_baseline(step, None, False)
+    if baseline is None:
+        raise SystemExit(f"{shape}: no SDPA baseline ({note})")
     for _ in range(2):
         step.run()
         baseline()
@@ -60,10 +63,7 @@ def measure(ncu: str, shape: str) -> list[dict]:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--probe":
         return probe(sys.argv[2])
-    ncu = shutil.which("ncu") or next((p for p in sorted(
-        f"/opt/nvidia/nsight-compute/{v}/ncu" for v in (os.listdir("/opt/nvidia/nsight-compute")
-                                                        if os.path.isdir("/opt/nvidia/nsight-compute") else []))
-        if os.path.exists(p)), None)
+    ncu = shutil.which("ncu") or max(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), default=None)
     if ncu is None or not torch.cuda.is_available():
         raise SystemExit("prefill_dram_traffic needs a CUDA GPU and Nsight Compute (ncu)")
     shapes = sys.argv[1:] or [s for s in prefill.SHAPES if "decodes" not in s]  # mixed: ours' decodes elsewhere

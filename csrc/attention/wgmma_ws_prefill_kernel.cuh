@@ -288,8 +288,9 @@ __global__ void __launch_bounds__(WsPrefillConfig<T, kHeadSize>::kThreads, 1)
           run_end += (seqs_above[run_tiles - 1] - run_rank0) * p.num_kv_heads * units_per_head(run_tiles);
         }
         if (unit >= run_end) break;
-        const int head_index = (unit - run_begin) / units_per_head(run_tiles);  // (sequence, kv head) in the run
-        const int u = unit - run_begin - head_index * units_per_head(run_tiles);
+        const int per_head = units_per_head(run_tiles);
+        const int head_index = (unit - run_begin) / per_head;  // (sequence, kv head) within the run
+        const int u = unit - run_begin - head_index * per_head;
         seq = sorted_seqs[run_rank0 + head_index / p.num_kv_heads];
         kv_head = head_index % p.num_kv_heads;
         row_tile = run_tiles - 1 - u;
